@@ -20,6 +20,10 @@ E8M0_BIAS = 127
 E8M0_MIN = 0  # smallest finite scale byte, 2**-127
 E8M0_MAX = 254  # largest finite scale byte, 2**127
 E8M0_NAN = 255  # the block held NaN or Inf
+# The largest byte a quantizer emits: every value of its grid, up to 6 * 2**125,
+# is a finite float32 (bf16 has the same range). Byte 253 would let a block whose
+# amax is near float32's max round to 4 * 2**126 = inf; naive never goes above it.
+E8M0_MAX_QUANTIZE = 252
 
 # IEEE float32 fields used to read exponents exactly.
 F32_EXP_BIAS = 127

@@ -15,8 +15,10 @@ How the ``mse`` search is evaluated, exactly (the kernels do the same
 floating-point operations in the same order, so both give the same bytes):
 
 * ``e0`` is the naive byte; the candidates are ``e0-1`` (when ``e0 >= 1``),
-  ``e0`` and ``e0+1``. DESIGN.md explains why no other byte can be better for
-  unweighted error; with ``weights`` the same three are searched.
+  ``e0`` and ``e0+1`` (when ``e0+1 <= 252``: a larger byte could round a
+  finite block max up to float32 infinity; ``even`` is capped the same way).
+  DESIGN.md explains why no other byte can be better for unweighted error;
+  with ``weights`` the same three are searched.
 * Errors are measured in units of the smallest candidate scale ``s_min``:
   ``a = |x| / s_min`` is exact (a power of two). Elements with ``a <= 0.25``
   round to zero under every candidate, so they add the same ``x**2`` to every
@@ -38,19 +40,19 @@ from qwantize_hf.constants import (
     BLOCK_SIZES,
     E8M0_BIAS,
     E8M0_MAX,
+    E8M0_MAX_QUANTIZE,
     E8M0_MIN,
     E8M0_NAN,
     F4_CODES_PER_BYTE,
     F4_E2M1_EMAX,
-    F4_E2M1_MANTISSA_BITS,
     F4_E2M1_MAG_MASK,
+    F4_E2M1_MANTISSA_BITS,
     F4_E2M1_SIGN_BIT,
     F4_E2M1_VALUES,
     F4_NIBBLE_BITS,
     F4_NIBBLE_MASK,
     F32_ABS_MASK,
     F32_EXP_BIAS,
-    F32_EXP_MASK,
     F32_EXP_NONFINITE,
     F32_MANTISSA_BITS,
     F32_SIGN_SHIFT,
@@ -194,14 +196,14 @@ def naive_scale_bytes(amax_bits: torch.Tensor) -> torch.Tensor:
 def even_scale_bytes(amax_bits: torch.Tensor) -> torch.Tensor:
     """torchao EVEN: ``e0 + 1`` when amax's mantissa is 1.75 or more (it rounds up to 2)."""
     rounded_field = (amax_bits + EVEN_ROUNDING_ADD) >> F32_MANTISSA_BITS
-    e = (rounded_field - F4_E2M1_EMAX).clamp(E8M0_MIN, E8M0_MAX)
+    e = (rounded_field - F4_E2M1_EMAX).clamp(E8M0_MIN, E8M0_MAX_QUANTIZE)
     return torch.where((amax_bits >> F32_MANTISSA_BITS) == F32_EXP_NONFINITE, E8M0_NAN, e)
 
 
 def mse_candidate_errors(
     absx: torch.Tensor, e0: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Squared error of each block under scale bytes e0-1, e0, e0+1 (inf where e0-1 < 0).
+    """Squared error of each block under scale bytes e0-1, e0, e0+1 (inf where not a candidate).
 
     ``absx`` float32 ``[nblocks, block_size]``, ``e0`` int32 ``[nblocks]``,
     ``weights`` float32 broadcastable to ``absx`` or None. See the module
@@ -223,6 +225,7 @@ def mse_candidate_errors(
     err_minus = torch.where(has_minus, sums[0], inf)
     err_zero = torch.where(has_minus, sums[1], sums[0])
     err_plus = torch.where(has_minus, sums[2], sums[1])
+    err_plus = torch.where(e0 < E8M0_MAX_QUANTIZE, err_plus, inf)
     return err_minus, err_zero, err_plus
 
 
@@ -231,11 +234,17 @@ def mse_scale_bytes(
 ) -> torch.Tensor:
     """The byte among e0-1, e0, e0+1 with the least (weighted) squared error; ties keep e0, then go up."""
     e0 = naive_scale_bytes(amax_bits)
-    err_minus, err_zero, err_plus = mse_candidate_errors(absx, e0, weights)
+    e = choose_mse_byte(e0, *mse_candidate_errors(absx, e0, weights))
+    return torch.where(e0 == E8M0_NAN, E8M0_NAN, e)
+
+
+def choose_mse_byte(
+    e0: torch.Tensor, err_minus: torch.Tensor, err_zero: torch.Tensor, err_plus: torch.Tensor
+) -> torch.Tensor:
+    """The candidate of least error; an exact tie keeps e0, then prefers the larger scale."""
     keep = (err_zero <= err_minus) & (err_zero <= err_plus)
     up = err_plus <= err_minus
-    e = torch.where(keep, e0, torch.where(up, e0 + 1, e0 - 1))
-    return torch.where(e0 == E8M0_NAN, E8M0_NAN, e)
+    return torch.where(keep, e0, torch.where(up, e0 + 1, e0 - 1))
 
 
 # --------------------------------------------------------------------------- quantize / dequantize
@@ -322,6 +331,7 @@ __all__ = [
     "check_block_size",
     "check_scale_method",
     "check_weight",
+    "choose_mse_byte",
     "dequantize_blocks_torch",
     "e2m1_magnitude_index",
     "e2m1_round",

@@ -18,6 +18,8 @@ _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
 _NIBBLE_MASK: tl.constexpr = tl.constexpr(C.F4_NIBBLE_MASK)
 _MAG_MASK: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK)
 _CODE_SIGN: tl.constexpr = tl.constexpr(C.F4_E2M1_SIGN_BIT)
+_SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # code bit 3 → float sign bit
+_BF16_SHIFT: tl.constexpr = tl.constexpr(16)  # bf16 keeps float32's top 16 bits
 _E8M0_NAN: tl.constexpr = tl.constexpr(C.E8M0_NAN)
 # 2**-127 (byte 0) is a float32 subnormal; its bit pattern.
 _SMALLEST_SCALE_BITS: tl.constexpr = tl.constexpr(1 << (C.F32_MANTISSA_BITS - 1))
@@ -32,7 +34,9 @@ def e2m1_code_value(codes):
     magnitude_index = codes & _MAG_MASK
     normal = ((magnitude_index + _VALUE_BASE) << _VALUE_SHIFT).to(tl.float32, bitcast=True)
     value = tl.where(magnitude_index >= 2, normal, magnitude_index.to(tl.float32) * 0.5)
-    return tl.where((codes & _CODE_SIGN) != 0, -value, value)
+    # Set the sign bit directly: negation written as 0 - x would turn code 8 into +0.0.
+    sign = (codes & _CODE_SIGN) << _SIGN_SHIFT
+    return (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -63,7 +67,14 @@ def _dequantize_kernel(
     values = e2m1_code_value(codes) * e8m0_value(e)[:, None]
     cols = tl.arange(0, BLOCK_SIZE)
     out_ptrs = out_ptr + blocks[:, None] * BLOCK_SIZE + cols[None, :]
-    tl.store(out_ptrs, values.to(out_ptr.dtype.element_ty), mask=in_range[:, None])
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Every MXFP4 value has at most two significant bits, so bf16 is float32's top
+        # half with nothing to round; narrowing the bits directly is exact (also for
+        # subnormals, which Triton's interpreter converts wrongly).
+        out = (values.to(tl.int32, bitcast=True) >> _BF16_SHIFT).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = values.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptrs, out, mask=in_range[:, None])
 
 
 def dequantize_triton(

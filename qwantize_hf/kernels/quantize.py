@@ -27,11 +27,14 @@ _EMAX: tl.constexpr = tl.constexpr(C.F4_E2M1_EMAX)
 _E2M1_MAX: tl.constexpr = tl.constexpr(C.F4_E2M1_MAX)
 _E8M0_NAN: tl.constexpr = tl.constexpr(C.E8M0_NAN)
 _E8M0_BIAS: tl.constexpr = tl.constexpr(C.E8M0_BIAS)
+_E8M0_MAX_QUANTIZE: tl.constexpr = tl.constexpr(C.E8M0_MAX_QUANTIZE)
 _EVEN_ADD: tl.constexpr = tl.constexpr(EVEN_ROUNDING_ADD)
 _ZERO_BELOW: tl.constexpr = tl.constexpr(ROUNDS_TO_ZERO_BELOW)
 _SIGN_TO_CODE_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # float sign bit → code bit 3
 _CODE_SIGN: tl.constexpr = tl.constexpr(C.F4_E2M1_SIGN_BIT)
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
+_BF16_SHIFT: tl.constexpr = tl.constexpr(16)  # bf16 keeps float32's top 16 bits
+_BF16_BITS_MASK: tl.constexpr = tl.constexpr(0xFFFF)
 # E2M1 rounding by float addition: adding 2**(E + 22) (E = max(exponent of q, 0))
 # leaves one mantissa bit of q, rounded to nearest-even by the FPU; min-exponent 0
 # gives the 0.5 spacing of E2M1's subnormal range.
@@ -110,7 +113,12 @@ def _quantize_kernel(
     in_range = blocks < n_blocks
     cols = tl.arange(0, BLOCK_SIZE)
     x = tl.load(x_ptr + blocks[:, None] * BLOCK_SIZE + cols[None, :], mask=in_range[:, None], other=0.0)
-    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        # bf16 is the top half of a float32: widen the bits (exact for subnormals too,
+        # which Triton's interpreter converts wrongly).
+        bits = (x.to(tl.int16, bitcast=True).to(tl.int32) & _BF16_BITS_MASK) << _BF16_SHIFT
+    else:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
     abs_bits = bits & _ABS_MASK
     absx = abs_bits.to(tl.float32, bitcast=True)
     # Integer max of magnitude bits: exact amax, and NaN-aware.
@@ -121,7 +129,7 @@ def _quantize_kernel(
     if METHOD == 0:
         e = e0
     elif METHOD == 1:
-        e = tl.maximum(((amax_bits + _EVEN_ADD) >> _MANT) - _EMAX, 0)
+        e = tl.minimum(tl.maximum(((amax_bits + _EVEN_ADD) >> _MANT) - _EMAX, 0), _E8M0_MAX_QUANTIZE)
     else:
         w = 0.0
         if HAS_WEIGHTS:
@@ -137,6 +145,7 @@ def _quantize_kernel(
         err_minus = tl.where(has_minus, err_lo, float("inf"))
         err_zero = tl.where(has_minus, err_mid, err_lo)
         err_plus = tl.where(has_minus, err_hi, err_mid)
+        err_plus = tl.where(e0 < _E8M0_MAX_QUANTIZE, err_plus, float("inf"))
         keep = (err_zero <= err_minus) & (err_zero <= err_plus)
         up = err_plus <= err_minus
         e = tl.where(keep, e0, tl.where(up, e0 + 1, e0 - 1))
