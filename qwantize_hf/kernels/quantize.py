@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from qwantize_hf import constants as C
-from qwantize_hf.format import E2M1_F32_CODE_OFFSET, E2M1_F32_CODE_SHIFT, EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW
+from qwantize_hf.format import EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW
 
 METHOD_IDS = {"naive": 0, "even": 1, "mse": 2}
 
@@ -34,15 +34,20 @@ _SIGN_TO_CODE_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # float 
 _CODE_SIGN: tl.constexpr = tl.constexpr(C.F4_E2M1_SIGN_BIT)
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
 _BF16_SHIFT: tl.constexpr = tl.constexpr(16)  # bf16 keeps float32's top 16 bits
-_BF16_BITS_MASK: tl.constexpr = tl.constexpr(0xFFFF)
+_GROUP: tl.constexpr = tl.constexpr(8)  # elements of a block one thread loads at a time
 # E2M1 rounding by float addition: adding 2**(E + 22) (E = max(exponent of q, 0))
 # leaves one mantissa bit of q, rounded to nearest-even by the FPU; min-exponent 0
 # gives the 0.5 spacing of E2M1's subnormal range.
 _ROUND_SHIFT: tl.constexpr = tl.constexpr((C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS) << C.F32_MANTISSA_BITS)
 _ONE_BITS: tl.constexpr = tl.constexpr(C.F32_EXP_BIAS << C.F32_MANTISSA_BITS)
-# A rounded magnitude r >= 1 has index (bits(r) >> 22) - 252; r = 0.5 has index 1.
-_CODE_SHIFT: tl.constexpr = tl.constexpr(E2M1_F32_CODE_SHIFT)
-_HALF_CODE_BASE: tl.constexpr = tl.constexpr(E2M1_F32_CODE_OFFSET)
+_EXP_ONE: tl.constexpr = tl.constexpr(1 << C.F32_MANTISSA_BITS)  # one step of the float32 exponent field
+# (bits of 2**(E + 22)) >> 22 is 2 * (E + 149): subtract 2 * 149 to get 2E.
+_CODE_SHIFT: tl.constexpr = tl.constexpr(C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)
+_MAGIC_CODE_BASE: tl.constexpr = tl.constexpr(
+    (C.F32_EXP_BIAS + C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS) << C.F4_E2M1_MANTISSA_BITS
+)
+_MANT_MASK: tl.constexpr = tl.constexpr((1 << C.F32_MANTISSA_BITS) - 1)
+_MAG_MAX: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK)  # index of 6.0
 
 
 @triton.jit
@@ -52,19 +57,25 @@ def _pow2_neg(e):
 
 
 @triton.jit
-def _e2m1_round(q):
-    """Nearest E2M1 magnitude to q >= 0 (ties to even, saturating), as float32."""
-    q_bits = q.to(tl.int32, bitcast=True)
-    magic = (tl.maximum(q_bits & _EXP_FIELD_MASK, _ONE_BITS) + _ROUND_SHIFT).to(tl.float32, bitcast=True)
-    return tl.minimum((q + magic) - magic, _E2M1_MAX)
+def _load_group_bits(x_ptr, blocks, in_range, G: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """float32 bit patterns of elements G*8 .. G*8+7 of each block: [ROWS, 8] int32.
+
+    Loading a block as four 8-element groups (16 bytes of bf16 each) keeps every
+    group inside one thread, so the pairwise sums below never cross threads.
+    """
+    cols = G * _GROUP + tl.arange(0, _GROUP)
+    x = tl.load(x_ptr + blocks[:, None] * BLOCK_SIZE + cols[None, :], mask=in_range[:, None], other=0.0)
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        # bf16 is the top half of a float32: widen the bits (exact for subnormals too,
+        # which Triton's interpreter converts wrongly).
+        return x.to(tl.int16, bitcast=True).to(tl.int32) << _BF16_SHIFT
+    return x.to(tl.float32).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _e2m1_index(r):
-    """Magnitude index 0..7 of an E2M1 magnitude r (as _e2m1_round returns)."""
-    r_bits = r.to(tl.int32, bitcast=True)
-    index = tl.maximum((r_bits >> _CODE_SHIFT) - _HALF_CODE_BASE, 0)
-    return index + (r == 0.5).to(tl.int32)
+def _group_amax_bits(bits):
+    # Integer max of magnitude bits: the exact amax, and NaN-aware (NaN bits are largest).
+    return tl.max(bits & _ABS_MASK, axis=1)
 
 
 @triton.jit
@@ -75,24 +86,77 @@ def _halve(t, ROWS: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _pairwise_sum(t, ROWS: tl.constexpr, N: tl.constexpr):
-    """Row sums of [ROWS, N] (N = 16 or 32) by the fixed tree of format.pairwise_sum."""
-    t = _halve(t, ROWS, N)
-    t = _halve(t, ROWS, N // 2)
-    t = _halve(t, ROWS, N // 4)
-    t = _halve(t, ROWS, N // 8)
-    if N == 32:
-        t = _halve(t, ROWS, 2)
+def _group_sum(t, ROWS: tl.constexpr):
+    """Sum of an 8-element group by the pairwise tree of format.pairwise_sum: [ROWS]."""
+    t = _halve(t, ROWS, 8)
+    t = _halve(t, ROWS, 4)
+    t = _halve(t, ROWS, 2)
     return tl.reshape(t, [ROWS])
 
 
 @triton.jit
-def _candidate_error(a, counted, step, w, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr, N: tl.constexpr):
-    d = tl.where(counted, a - _e2m1_round(a * (1.0 / step)) * step, 0.0)
+def _candidate_terms(a, magic_floor_bits, w, J: tl.constexpr, LARGEST: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+    """Squared error terms of a (in units of s_min) on the grid of scale 2**J * s_min.
+
+    Rounds a straight onto that grid: adding 2**(max(E, J) + 22), E the exponent
+    of a, leaves the grid's spacing as float32's last place there, and the FPU's
+    round-to-nearest-even picks the even code on ties. Same values as the twin's
+    2**J * round_e2m1(a / 2**J). ``magic_floor_bits`` is bits(2**(E + 22)), shared by
+    the three candidates. LARGEST is the grid's top, 6 * 2**J; a < 16 never
+    reaches the top of the 4·s_min grid (24), so J = 2 skips the saturation.
+    """
+    magic = tl.maximum(magic_floor_bits, _ONE_BITS + _ROUND_SHIFT + _EXP_ONE * J).to(tl.float32, bitcast=True)
+    r = (a + magic) - magic
+    if J < 2:
+        r = tl.minimum(r, LARGEST)
+    d = a - r
     terms = d * d
     if HAS_WEIGHTS:
         terms = terms * w
-    return _pairwise_sum(terms, ROWS, N)
+    return terms
+
+
+@triton.jit
+def _group_candidate_sums(
+    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr
+):
+    """One group's error sums under scales s_min, 2·s_min, 4·s_min: three [ROWS]."""
+    a = (bits & _ABS_MASK).to(tl.float32, bitcast=True) * f_min[:, None]
+    # Elements at or below 0.25·s_min round to zero under every candidate: left out.
+    a = tl.where(a > _ZERO_BELOW, a, 0.0)
+    magic_floor_bits = (a.to(tl.int32, bitcast=True) & _EXP_FIELD_MASK) + _ROUND_SHIFT
+    w = 0.0
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + feature[:, None] + tl.arange(0, _GROUP)[None, :], mask=in_range[:, None], other=0.0)
+    err_lo = _group_sum(_candidate_terms(a, magic_floor_bits, w, 0, _E2M1_MAX, HAS_WEIGHTS), ROWS)
+    err_mid = _group_sum(_candidate_terms(a, magic_floor_bits, w, 1, _E2M1_MAX * 2, HAS_WEIGHTS), ROWS)
+    err_hi = _group_sum(_candidate_terms(a, magic_floor_bits, w, 2, _E2M1_MAX * 4, HAS_WEIGHTS), ROWS)
+    return err_lo, err_mid, err_hi
+
+
+@triton.jit
+def _group_packed(bits, factor, nonfinite, ROWS: tl.constexpr):
+    """Codes of one group at the chosen scale (factor = 1/scale), packed: [ROWS, 4] int32 bytes.
+
+    q = |x| * factor is rounded by the same float addition as _candidate_terms:
+    z = q + 2**(E + 22) with E = max(exponent of q, 0). The mantissa field of z
+    then counts grid steps (half-units for E = 0, units for E = 1, pairs for
+    E = 2), so the magnitude index is that count + 2E, saturated at 7.
+    """
+    q = (bits & _ABS_MASK).to(tl.float32, bitcast=True) * factor[:, None]
+    magic_bits = tl.maximum(q.to(tl.int32, bitcast=True) & _EXP_FIELD_MASK, _ONE_BITS) + _ROUND_SHIFT
+    steps = (q + magic_bits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) & _MANT_MASK
+    index = tl.minimum(steps + ((magic_bits >> _CODE_SHIFT) - _MAGIC_CODE_BASE), _MAG_MAX)
+    codes = index | ((bits >> _SIGN_TO_CODE_SHIFT) & _CODE_SIGN)
+    low, high = tl.split(tl.reshape(codes, [ROWS, _GROUP // 2, 2]))
+    return tl.where(nonfinite[:, None], 0, low | (high << _NIBBLE))
+
+
+@triton.jit
+def _store_group(packed_ptr, blocks, in_range, packed, G: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    cols = G * (_GROUP // 2) + tl.arange(0, _GROUP // 2)
+    ptrs = packed_ptr + blocks[:, None] * (BLOCK_SIZE // 2) + cols[None, :]
+    tl.store(ptrs, packed.to(tl.uint8), mask=in_range[:, None])
 
 
 @triton.jit
@@ -111,18 +175,14 @@ def _quantize_kernel(
     pid = tl.program_id(0).to(tl.int64)
     blocks = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
     in_range = blocks < n_blocks
-    cols = tl.arange(0, BLOCK_SIZE)
-    x = tl.load(x_ptr + blocks[:, None] * BLOCK_SIZE + cols[None, :], mask=in_range[:, None], other=0.0)
-    if x_ptr.dtype.element_ty == tl.bfloat16:
-        # bf16 is the top half of a float32: widen the bits (exact for subnormals too,
-        # which Triton's interpreter converts wrongly).
-        bits = (x.to(tl.int16, bitcast=True).to(tl.int32) & _BF16_BITS_MASK) << _BF16_SHIFT
-    else:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    abs_bits = bits & _ABS_MASK
-    absx = abs_bits.to(tl.float32, bitcast=True)
-    # Integer max of magnitude bits: exact amax, and NaN-aware.
-    amax_bits = tl.max(abs_bits, axis=1)
+    # A block is 2 (block 16) or 4 (block 32) groups of 8; groups 2 and 3 only exist for 32.
+    bits0 = _load_group_bits(x_ptr, blocks, in_range, 0, BLOCK_SIZE)
+    bits1 = _load_group_bits(x_ptr, blocks, in_range, 1, BLOCK_SIZE)
+    amax_bits = tl.maximum(_group_amax_bits(bits0), _group_amax_bits(bits1))
+    if BLOCK_SIZE == 32:
+        bits2 = _load_group_bits(x_ptr, blocks, in_range, 2, BLOCK_SIZE)
+        bits3 = _load_group_bits(x_ptr, blocks, in_range, 3, BLOCK_SIZE)
+        amax_bits = tl.maximum(amax_bits, tl.maximum(_group_amax_bits(bits2), _group_amax_bits(bits3)))
     exp_field = amax_bits >> _MANT
     nonfinite = exp_field == _EXP_NONFINITE
     e0 = tl.maximum(exp_field - _EMAX, 0)
@@ -131,17 +191,25 @@ def _quantize_kernel(
     elif METHOD == 1:
         e = tl.minimum(tl.maximum(((amax_bits + _EVEN_ADD) >> _MANT) - _EMAX, 0), _E8M0_MAX_QUANTIZE)
     else:
-        w = 0.0
-        if HAS_WEIGHTS:
-            feature = (blocks % blocks_per_row)[:, None] * BLOCK_SIZE + cols[None, :]
-            w = tl.load(weights_ptr + feature, mask=in_range[:, None], other=0.0)
         has_minus = e0 > 0
-        e_min = tl.maximum(e0 - 1, 0)
-        a = absx * _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, e_min))[:, None]
-        counted = a > _ZERO_BELOW
-        err_lo = _candidate_error(a, counted, 1.0, w, HAS_WEIGHTS, BLOCKS_PER_PROG, BLOCK_SIZE)
-        err_mid = _candidate_error(a, counted, 2.0, w, HAS_WEIGHTS, BLOCKS_PER_PROG, BLOCK_SIZE)
-        err_hi = _candidate_error(a, counted, 4.0, w, HAS_WEIGHTS, BLOCKS_PER_PROG, BLOCK_SIZE)
+        f_min = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, tl.maximum(e0 - 1, 0)))
+        feature = (blocks % blocks_per_row) * BLOCK_SIZE
+        lo0, mid0, hi0 = _group_candidate_sums(
+            bits0, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+        )
+        lo1, mid1, hi1 = _group_candidate_sums(
+            bits1, f_min, weights_ptr, feature + _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+        )
+        # the last levels of the pairwise tree: (g0 + g1) + (g2 + g3)
+        err_lo, err_mid, err_hi = lo0 + lo1, mid0 + mid1, hi0 + hi1
+        if BLOCK_SIZE == 32:
+            lo2, mid2, hi2 = _group_candidate_sums(
+                bits2, f_min, weights_ptr, feature + 2 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+            )
+            lo3, mid3, hi3 = _group_candidate_sums(
+                bits3, f_min, weights_ptr, feature + 3 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+            )
+            err_lo, err_mid, err_hi = err_lo + (lo2 + lo3), err_mid + (mid2 + mid3), err_hi + (hi2 + hi3)
         err_minus = tl.where(has_minus, err_lo, float("inf"))
         err_zero = tl.where(has_minus, err_mid, err_lo)
         err_plus = tl.where(has_minus, err_hi, err_mid)
@@ -150,13 +218,16 @@ def _quantize_kernel(
         up = err_plus <= err_minus
         e = tl.where(keep, e0, tl.where(up, e0 + 1, e0 - 1))
     e = tl.where(nonfinite, _E8M0_NAN, e)
-    q = absx * _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, e))[:, None]
-    codes = _e2m1_index(_e2m1_round(q)) | ((bits >> _SIGN_TO_CODE_SHIFT) & _CODE_SIGN)
-    codes = tl.where(nonfinite[:, None], 0, codes)
-    low, high = tl.split(tl.reshape(codes, [BLOCKS_PER_PROG, BLOCK_SIZE // 2, 2]))
-    packed = (low | (high << _NIBBLE)).to(tl.uint8)
-    half_cols = tl.arange(0, BLOCK_SIZE // 2)
-    tl.store(packed_ptr + blocks[:, None] * (BLOCK_SIZE // 2) + half_cols[None, :], packed, mask=in_range[:, None])
+    factor = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, e))
+    _store_group(packed_ptr, blocks, in_range, _group_packed(bits0, factor, nonfinite, BLOCKS_PER_PROG), 0, BLOCK_SIZE)
+    _store_group(packed_ptr, blocks, in_range, _group_packed(bits1, factor, nonfinite, BLOCKS_PER_PROG), 1, BLOCK_SIZE)
+    if BLOCK_SIZE == 32:
+        _store_group(
+            packed_ptr, blocks, in_range, _group_packed(bits2, factor, nonfinite, BLOCKS_PER_PROG), 2, BLOCK_SIZE
+        )
+        _store_group(
+            packed_ptr, blocks, in_range, _group_packed(bits3, factor, nonfinite, BLOCKS_PER_PROG), 3, BLOCK_SIZE
+        )
     tl.store(scales_ptr + blocks, e.to(tl.uint8), mask=in_range)
 
 
@@ -175,10 +246,12 @@ def quantize_triton(
     n_blocks = w.numel() // block_size
     if n_blocks == 0:
         return packed, scales
+    # Measured on an H100 (eval/bench_quantize.py --sweep): the mse search is
+    # arithmetic-bound and likes 2 warps over 64 blocks; naive/even are memory-bound.
     if blocks_per_prog is None:
         blocks_per_prog = 64 if scale_method == "mse" else 128
     if num_warps is None:
-        num_warps = 4
+        num_warps = 2 if scale_method == "mse" else 4
     grid = (triton.cdiv(n_blocks, blocks_per_prog),)
     _quantize_kernel[grid](
         w,
