@@ -10,15 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from qwantize_hf import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
-from qwantize_hf.constants import E8M0_NAN  # noqa: E402
-from qwantize_hf.format import dequantize_blocks_torch, normalize_mse_weights, quantize_blocks_torch  # noqa: E402
-from qwantize_hf.kernels.dequantize import dequantize_triton  # noqa: E402
-from qwantize_hf.kernels.quantize import quantize_triton  # noqa: E402
-from tests.conftest import KERNEL_DEVICE  # noqa: E402
-from tests.mx_values import adversarial  # noqa: E402
+from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf.constants import E8M0_NAN
+from qwantize_hf.format import dequantize_blocks_torch, normalize_mse_weights, quantize_blocks_torch
+from qwantize_hf.kernels.dequantize import dequantize_triton
+from qwantize_hf.kernels.quantize import quantize_triton
+from tests.conftest import KERNEL_DEVICE
+from tests.mx_values import adversarial
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 METHODS = ["naive", "even", "mse"]
