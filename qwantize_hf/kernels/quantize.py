@@ -120,7 +120,8 @@ def _candidate_terms(a, magic_floor_bits, w, J: tl.constexpr, LARGEST: tl.conste
 def _group_candidate_sums(
     bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr
 ):
-    """One group's error sums under scales s_min, 2·s_min, 4·s_min: three [ROWS]."""
+    """One group's error sums under scales s_min, 2·s_min, 4·s_min (three [ROWS]), and
+    the group's a and magic floor bits, from which its codes are made once a scale is chosen."""
     a = (bits & _ABS_MASK).to(tl.float32, bitcast=True) * f_min[:, None]
     # Elements at or below 0.25·s_min round to zero under every candidate: left out.
     a = tl.where(a > _ZERO_BELOW, a, 0.0)
@@ -131,7 +132,7 @@ def _group_candidate_sums(
     err_lo = _group_sum(_candidate_terms(a, magic_floor_bits, w, 0, _E2M1_MAX, HAS_WEIGHTS), ROWS)
     err_mid = _group_sum(_candidate_terms(a, magic_floor_bits, w, 1, _E2M1_MAX * 2, HAS_WEIGHTS), ROWS)
     err_hi = _group_sum(_candidate_terms(a, magic_floor_bits, w, 2, _E2M1_MAX * 4, HAS_WEIGHTS), ROWS)
-    return err_lo, err_mid, err_hi
+    return err_lo, err_mid, err_hi, a, magic_floor_bits
 
 
 @triton.jit
@@ -147,6 +148,20 @@ def _group_packed(bits, factor, nonfinite, ROWS: tl.constexpr):
     magic_bits = tl.maximum(q.to(tl.int32, bitcast=True) & _EXP_FIELD_MASK, _ONE_BITS) + _ROUND_SHIFT
     steps = (q + magic_bits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) & _MANT_MASK
     index = tl.minimum(steps + ((magic_bits >> _CODE_SHIFT) - _MAGIC_CODE_BASE), _MAG_MAX)
+    codes = index | ((bits >> _SIGN_TO_CODE_SHIFT) & _CODE_SIGN)
+    low, high = tl.split(tl.reshape(codes, [ROWS, _GROUP // 2, 2]))
+    return tl.where(nonfinite[:, None], 0, low | (high << _NIBBLE))
+
+
+@triton.jit
+def _group_packed_from_a(bits, a, magic_floor_bits, chosen, nonfinite, ROWS: tl.constexpr):
+    """Like _group_packed, from the mse search's a (units of s_min) and its magic floor:
+    the chosen grid is 2**chosen * s_min (chosen = e - e_min, per block)."""
+    floor_bits = (_ONE_BITS + _ROUND_SHIFT) + chosen * _EXP_ONE
+    magic_bits = tl.maximum(magic_floor_bits, floor_bits[:, None])
+    steps = (a + magic_bits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) & _MANT_MASK
+    base = _MAGIC_CODE_BASE + 2 * chosen
+    index = tl.minimum(steps + ((magic_bits >> _CODE_SHIFT) - base[:, None]), _MAG_MAX)
     codes = index | ((bits >> _SIGN_TO_CODE_SHIFT) & _CODE_SIGN)
     low, high = tl.split(tl.reshape(codes, [ROWS, _GROUP // 2, 2]))
     return tl.where(nonfinite[:, None], 0, low | (high << _NIBBLE))
@@ -194,19 +209,19 @@ def _quantize_kernel(
         has_minus = e0 > 0
         f_min = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, tl.maximum(e0 - 1, 0)))
         feature = (blocks % blocks_per_row) * BLOCK_SIZE
-        lo0, mid0, hi0 = _group_candidate_sums(
+        lo0, mid0, hi0, a0, m0 = _group_candidate_sums(
             bits0, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
         )
-        lo1, mid1, hi1 = _group_candidate_sums(
+        lo1, mid1, hi1, a1, m1 = _group_candidate_sums(
             bits1, f_min, weights_ptr, feature + _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
         )
         # the last levels of the pairwise tree: (g0 + g1) + (g2 + g3)
         err_lo, err_mid, err_hi = lo0 + lo1, mid0 + mid1, hi0 + hi1
         if BLOCK_SIZE == 32:
-            lo2, mid2, hi2 = _group_candidate_sums(
+            lo2, mid2, hi2, a2, m2 = _group_candidate_sums(
                 bits2, f_min, weights_ptr, feature + 2 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
             )
-            lo3, mid3, hi3 = _group_candidate_sums(
+            lo3, mid3, hi3, a3, m3 = _group_candidate_sums(
                 bits3, f_min, weights_ptr, feature + 3 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
             )
             err_lo, err_mid, err_hi = err_lo + (lo2 + lo3), err_mid + (mid2 + mid3), err_hi + (hi2 + hi3)
@@ -217,6 +232,26 @@ def _quantize_kernel(
         keep = (err_zero <= err_minus) & (err_zero <= err_plus)
         up = err_plus <= err_minus
         e = tl.where(keep, e0, tl.where(up, e0 + 1, e0 - 1))
+        chosen = e - tl.maximum(e0 - 1, 0)
+        _store_group(
+            packed_ptr, blocks, in_range, _group_packed_from_a(bits0, a0, m0, chosen, nonfinite, BLOCKS_PER_PROG), 0,
+            BLOCK_SIZE,
+        )
+        _store_group(
+            packed_ptr, blocks, in_range, _group_packed_from_a(bits1, a1, m1, chosen, nonfinite, BLOCKS_PER_PROG), 1,
+            BLOCK_SIZE,
+        )
+        if BLOCK_SIZE == 32:
+            _store_group(
+                packed_ptr, blocks, in_range, _group_packed_from_a(bits2, a2, m2, chosen, nonfinite, BLOCKS_PER_PROG),
+                2, BLOCK_SIZE,
+            )
+            _store_group(
+                packed_ptr, blocks, in_range, _group_packed_from_a(bits3, a3, m3, chosen, nonfinite, BLOCKS_PER_PROG),
+                3, BLOCK_SIZE,
+            )
+        tl.store(scales_ptr + blocks, tl.where(nonfinite, _E8M0_NAN, e).to(tl.uint8), mask=in_range)
+        return
     e = tl.where(nonfinite, _E8M0_NAN, e)
     factor = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, e))
     _store_group(packed_ptr, blocks, in_range, _group_packed(bits0, factor, nonfinite, BLOCKS_PER_PROG), 0, BLOCK_SIZE)
