@@ -1,0 +1,195 @@
+"""Model cards (README.md) for MXFP4 checkpoints, and their upload with ``push_to_hub``.
+
+``render_model_card`` fills ``model_cards/template.md`` from the checkpoint's
+``quantization_config`` and, when given, the eval engineer's results JSON. It
+states only what the config and the results say: nothing here measures or
+guesses a number.
+
+``push_to_hub`` in transformers saves the model to a temporary folder, then
+writes its own generic README.md there, then uploads the folder. The only
+moment a quantized model's card can take the generic one's place is between
+the last two steps, so ``upload_card_with_push_to_hub`` wraps the model's
+upload step (the same private ``_upload_modified_files`` in transformers 5.17
+through 5.24) on that one model instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+from qwantize_hf.constants import BITS_PER_WEIGHT
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+CARD_INFO_ATTRIBUTE = "qwantize_card_info"
+DEFAULT_REPO_ID = "path/to/this/model"
+
+SCALE_METHOD_DESCRIPTIONS = {
+    "mse": "per block, the power-of-two scale with the least squared error (the optimum over all 255 scales)",
+    "naive": "the OCP MX v1.0 rule, floor(log2(amax)) - 2",
+    "even": "the OCP rule, one step up when amax's mantissa rounds up (torchao EVEN)",
+}
+TAGS = ("mxfp4", "qwantize_hf", "4-bit", "quantized")
+EVAL_COLUMNS = ("Method", "Perplexity", "Δ vs bf16", "Gap to bf16 recovered", "Bits / weight")
+
+
+def _yaml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid YAML scalar, quotes and escapes included
+
+
+def _front_matter(base_model: str | None, license: str | None) -> str:
+    lines = []
+    if base_model:
+        lines += [f"base_model: {_yaml_string(base_model)}", "base_model_relation: quantized"]
+    lines.append("library_name: transformers")
+    if license:
+        lines.append(f"license: {_yaml_string(license)}")
+    lines.append("tags:")
+    lines += [f"- {tag}" for tag in TAGS]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _eval_section(eval_results: dict[str, Any]) -> str:
+    rows = [
+        "| " + " | ".join(EVAL_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(EVAL_COLUMNS) - 1)) + "|",
+    ]
+    for method in eval_results["methods"]:
+        gap = method.get("gap_recovered")
+        cells = [
+            str(method["method"]),
+            _number(method.get("perplexity"), ".3f"),
+            _number(method.get("delta_vs_bf16"), "+.3f"),
+            "n/a" if gap is None else f"{gap:.1%}",
+            _number(method.get("bits_per_weight"), "g"),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    setup = (
+        f"Perplexity on {eval_results.get('text', 'n/a')}: {eval_results.get('tokens_scored', 'n/a')} tokens "
+        f"scored with a context of {eval_results.get('context_length', 'n/a')} tokens, measured on "
+        f"{eval_results.get('machine', 'n/a')}."
+    )
+    parts = ["", "## Evaluation", "", setup, "", *rows, ""]
+    parts.append(
+        "*Gap to bf16 recovered*: the share of the naive scale's perplexity increase over bf16 "
+        "that the method wins back."
+    )
+    if eval_results.get("model_note"):
+        parts += ["", str(eval_results["model_note"])]
+    if eval_results.get("command"):
+        parts += ["", "Reproduce with:", "", "```bash", str(eval_results["command"]), "```"]
+    return "\n".join(parts) + "\n"
+
+
+def render_model_card(
+    quantization_config: dict[str, Any],
+    base_model: str | None,
+    eval_results: dict[str, Any] | None = None,
+    base_model_note: str | None = None,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> str:
+    """README.md text (Hub YAML front matter + Markdown) for an MXFP4 checkpoint.
+
+    ``quantization_config`` is the dict stored in config.json; ``eval_results``
+    follows the eval scripts' JSON schema (``methods``: a list of dicts with
+    ``method``, ``perplexity``, ``delta_vs_bf16``, ``gap_recovered``,
+    ``bits_per_weight``; plus ``text``, ``tokens_scored``, ``context_length``,
+    ``machine``, ``command``, ``model_note``).
+    """
+    block_size = quantization_config["block_size"]
+    scale_method = quantization_config["scale_method"]
+    if block_size not in BITS_PER_WEIGHT:
+        raise ValueError(f"block_size must be one of {tuple(BITS_PER_WEIGHT)}, got {block_size!r}")
+    if scale_method not in SCALE_METHOD_DESCRIPTIONS:
+        raise ValueError(f"scale_method must be one of {tuple(SCALE_METHOD_DESCRIPTIONS)}, got {scale_method!r}")
+    if eval_results is not None and not isinstance(eval_results.get("methods"), list):
+        raise ValueError("eval_results needs a 'methods' list of per-method results (see the eval scripts' JSON)")
+    skipped = quantization_config.get("modules_to_not_convert") or []
+    name = base_model.rsplit("/", 1)[-1] if base_model else "Model"
+    fields = {
+        "front_matter": _front_matter(base_model, license),
+        "title": f"{name} MXFP4 (block {block_size}, {scale_method} scales)",
+        "base_model_sentence": (
+            f"[`{base_model}`](https://huggingface.co/{base_model}) quantized to MXFP4."
+            if base_model
+            else "A model quantized to MXFP4."
+        ),
+        "base_model_note": f"\n{base_model_note}\n" if base_model_note else "",
+        "quant_method": quantization_config.get("quant_method", "qwantize_mxfp4"),
+        "format_version": quantization_config.get("format_version", 1),
+        "block_size": block_size,
+        "scale_method": scale_method,
+        "scale_method_description": SCALE_METHOD_DESCRIPTIONS[scale_method],
+        "bits_per_weight": format(BITS_PER_WEIGHT[block_size], "g"),
+        "base_model_cell": f"`{base_model}`" if base_model else "not recorded",
+        "modules_to_not_convert": ", ".join(f"`{m}`" for m in skipped) if skipped else "none",
+        "calibration": "none (scales from the weights alone)"
+        if not quantization_config.get("calibration")
+        else f"`{json.dumps(quantization_config['calibration'], sort_keys=True)}`",
+        "repo_id": repo_id or DEFAULT_REPO_ID,
+        "eval_section": _eval_section(eval_results) if eval_results is not None else "",
+    }
+    return TEMPLATE_PATH.read_text(encoding="utf-8").format_map(fields)
+
+
+# --------------------------------------------------------------------------- a model's card
+
+
+def set_model_card_info(
+    model: Any,
+    eval_results: dict[str, Any] | None = None,
+    base_model_note: str | None = None,
+    license: str | None = None,
+) -> None:
+    """Attach eval results / notes / license that the model's card should state on ``push_to_hub``."""
+    setattr(
+        model,
+        CARD_INFO_ATTRIBUTE,
+        {"eval_results": eval_results, "base_model_note": base_model_note, "license": license},
+    )
+
+
+def model_card_for(model: Any, repo_id: str | None = None) -> str:
+    """The card of a model loaded with MXFP4Config, from its quantization_config and attached info."""
+    config = model.config.quantization_config
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    info = getattr(model, CARD_INFO_ATTRIBUTE, None) or {}
+    return render_model_card(
+        config,
+        config.get("base_model"),
+        info.get("eval_results"),
+        info.get("base_model_note"),
+        repo_id=repo_id,
+        license=info.get("license"),
+    )
+
+
+def write_model_card(model: Any, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Write the model's README.md into ``folder`` (e.g. after ``save_pretrained``); returns its path."""
+    path = Path(folder) / "README.md"
+    path.write_text(model_card_for(model, repo_id), encoding="utf-8")
+    return path
+
+
+def _upload_with_card(self: Any, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+    write_model_card(self, working_dir, repo_id)
+    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
+
+
+def upload_card_with_push_to_hub(model: Any) -> None:
+    """Make ``model.push_to_hub`` upload this model's MXFP4 card as README.md."""
+    model._upload_modified_files = types.MethodType(_upload_with_card, model)
+
+
+def remove_card_hook(model: Any) -> None:
+    """Undo ``upload_card_with_push_to_hub`` (the model is no longer quantized)."""
+    model.__dict__.pop("_upload_modified_files", None)

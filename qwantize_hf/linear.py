@@ -1,0 +1,104 @@
+"""MXFP4Linear: a Linear layer whose weight lives as packed MXFP4 bytes.
+
+The module owns three tensors, named as in the checkpoint:
+``weight`` (uint8 ``[out, in/2]``, two E2M1 codes a byte), ``weight_scale``
+(uint8 ``[out, in/block_size]``, UE8M0) and ``bias`` (as the original layer).
+The uint8 tensors are ``nn.Parameter(requires_grad=False)`` rather than
+buffers: accelerate offloads parameters with ``device_map`` splits, while
+buffers of offloaded modules are pinned to the execution device, which would
+put every packed weight back on the GPU.
+
+This file knows nothing about transformers; module replacement and loading live
+in ``replace.py``. It must never hold a dequantized weight between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, F4_CODES_PER_BYTE
+from qwantize_hf.format import check_block_size
+from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
+
+
+class MXFP4Linear(nn.Module):
+    """``y = x @ dequantize(weight, weight_scale).T + bias``; output dtype = input dtype."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        bias_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_block_size(block_size)
+        if in_features % block_size:
+            raise ValueError(
+                f"in_features {in_features} is not a multiple of block_size {block_size}; "
+                "MXFP4 blocks run along the input dimension, so keep this layer as nn.Linear"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        packed_shape = (out_features, in_features // F4_CODES_PER_BYTE)
+        scales_shape = (out_features, in_features // block_size)
+        self.weight = nn.Parameter(torch.zeros(packed_shape, dtype=torch.uint8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.zeros(scales_shape, dtype=torch.uint8, device=device), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        scale_method: str = "mse",
+        name: str = "linear",
+    ) -> MXFP4Linear:
+        """Quantize an existing ``nn.Linear`` (on its own device) into a new MXFP4Linear."""
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            block_size=block_size,
+            bias_dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
+        packed, scales = quantize_mxfp4(
+            linear.weight.detach(), block_size=block_size, scale_method=scale_method, name=name
+        )
+        module.weight.data = packed
+        module.weight_scale.data = scales
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight ``[out, in]`` the layer multiplies by, as ``dtype``."""
+        return dequantize_mxfp4(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # One place for the product, so a fused dequant-matmul kernel can take
+        # over CUDA inputs without touching forward or the loading code.
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, block_size={self.block_size}"
+        )

@@ -1,0 +1,161 @@
+"""The transformers quantizer for ``quant_method="qwantize_mxfp4"``, and its registration.
+
+Policy only, in the order transformers calls it: check the request, decide
+which Linears become MXFP4Linear, which tensors are quantized as they load,
+how big a quantized weight is, what happens after loading. The work itself
+(module swaps, the load-time quantize op, dequantizing) is in ``replace.py``;
+this file must never touch tensor values.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers import auto as transformers_auto
+from transformers.quantizers import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+
+from qwantize_hf import card, replace
+from qwantize_hf.config import QUANT_METHOD, MXFP4Config
+from qwantize_hf.constants import F4_CODES_PER_BYTE
+
+logger = logging.getLogger(__name__)
+
+OFFLOAD_DEVICES = ("cpu", "disk")
+
+
+class MXFP4HfQuantizer(HfQuantizer):
+    """Quantizes eligible ``nn.Linear`` weights to MXFP4 as they load; loads stored MXFP4 bytes as they are."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: MXFP4Config, **kwargs: Any) -> None:
+        # transformers hands over the user's own config object and later stores it
+        # on the model; a copy keeps one model's resolved skip list out of the next.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+
+    # 1. the request ------------------------------------------------------------------
+
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if config.dequantize and not self.pre_quantized:
+            raise ValueError(
+                "MXFP4Config(dequantize=True) turns an MXFP4 checkpoint back into plain Linears, but this "
+                "checkpoint is not quantized; load it without quantization_config to keep it unquantized"
+            )
+        devices = set(device_map.values()) if isinstance(device_map, dict) else set()
+        if "disk" in devices and not self.pre_quantized:
+            # transformers re-reads a disk-offloaded weight from the original
+            # checkpoint, so the quantized bytes would be replaced by bf16 ones.
+            raise ValueError(
+                "quantizing on load cannot offload layers to disk (device_map puts some on 'disk'): quantize "
+                "first with device_map='cpu' (or a GPU) and save_pretrained, then load that MXFP4 checkpoint "
+                "with disk offload; or give max_memory enough room to avoid 'disk'"
+            )
+        if config.dequantize and (len(devices) > 1 or "disk" in devices):
+            raise ValueError(
+                "MXFP4Config(dequantize=True) cannot dequantize layers that device_map offloads "
+                f"(devices {sorted(map(str, devices))}); load on one device, e.g. "
+                "device_map='cpu' or 'cuda'"
+            )
+
+    # 2. the skeleton, before any weight is read ---------------------------------------
+
+    def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        config = self.quantization_config
+        config.modules_to_not_convert = replace.resolve_modules_to_not_convert(model, config.modules_to_not_convert)
+        if config.base_model is None and not self.pre_quantized:
+            config.base_model = replace.hub_id_or_none(getattr(model.config, "name_or_path", None))
+        not_divisible = replace.replace_linear_with_mxfp4(
+            model,
+            block_size=config.block_size,
+            modules_to_not_convert=config.modules_to_not_convert,
+            quantize_on_load=not self.pre_quantized,
+        )
+        if not_divisible:
+            logger.warning(
+                "%d Linear layer(s) have in_features that are not a multiple of block_size %d and stay "
+                "unquantized: %s. Add them to modules_to_not_convert to silence this warning.",
+                len(not_divisible),
+                config.block_size,
+                ", ".join(not_divisible),
+            )
+            # Recorded in config.json, so a reload skips exactly the same layers.
+            config.modules_to_not_convert = config.modules_to_not_convert + not_divisible
+
+    # 3. while weights load -----------------------------------------------------------
+
+    def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
+        """Only the float weight of an MXFP4Linear that waits for one; stored bytes load as they are."""
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return tensor_name == "weight" and replace.awaits_quantization(model.get_submodule(module_name))
+
+    def param_element_size(self, model: torch.nn.Module, param_name: str, param: torch.Tensor) -> float:
+        """Bytes per element as loaded, so device_map='auto' plans with 4-bit codes, not bf16."""
+        if self.param_needs_quantization(model, param_name):
+            return 1 / F4_CODES_PER_BYTE  # the scales are a uint8 tensor of their own
+        return param.element_size()
+
+    def get_quantize_ops(self) -> replace.QuantizeOnLoad:
+        return replace.QuantizeOnLoad(self)
+
+    # 4. after loading ----------------------------------------------------------------
+
+    def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        replace.check_all_quantized(model)
+        if self.pre_quantized and self.quantization_config.dequantize:
+            count = replace.dequantize_linears(model)
+            logger.info("dequantized %d MXFP4Linear layers to nn.Linear", count)
+            return
+        card.upload_card_with_push_to_hub(model)
+
+    def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        replace.dequantize_linears(model, dtype)
+        card.remove_card_hook(model)
+        return model
+
+    # 5. what the model can do --------------------------------------------------------
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _is_ours(registered: type, ours: type) -> bool:
+    # After importlib.reload the class is a new object with the same module and name.
+    return (registered.__module__, registered.__qualname__) == (ours.__module__, ours.__qualname__)
+
+
+def _register_once(mapping: dict[str, type], cls: type, public_register: Any) -> None:
+    registered = mapping.get(QUANT_METHOD)
+    if registered is None:
+        public_register(QUANT_METHOD)(cls)
+    elif _is_ours(registered, cls):
+        mapping[QUANT_METHOD] = cls  # a reload: point at the fresh class
+    else:
+        raise RuntimeError(
+            f"quant_method {QUANT_METHOD!r} is already registered with transformers by "
+            f"{registered.__module__}.{registered.__qualname__}; uninstall the package that registers it"
+        )
+
+
+def register() -> None:
+    """Register MXFP4Config and MXFP4HfQuantizer with transformers; safe to call again."""
+    _register_once(transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, MXFP4Config, register_quantization_config)
+    _register_once(transformers_auto.AUTO_QUANTIZER_MAPPING, MXFP4HfQuantizer, register_quantizer)
+    # transformers lets only the config types in this tuple take loading-time fields
+    # (our `dequantize`) from the config passed to from_pretrained of a quantized
+    # checkpoint; there is no public call to join it.
+    kept = tuple(t for t in transformers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES if not _is_ours(t, MXFP4Config))
+    transformers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*kept, MXFP4Config)

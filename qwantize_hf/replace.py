@@ -1,0 +1,229 @@
+"""The mechanism behind quantizer.py: which Linears to swap, the swap, quantize-on-load, dequantize.
+
+quantizer.py decides *when* each of these runs; this file does the work on
+modules and tensors. Loading goes through transformers' weight-loading loop:
+the model skeleton sits on the meta device, every checkpoint tensor arrives on
+the device the device_map gives it, and ``QuantizeOnLoad`` turns a float
+weight into ``(packed, scales)`` right there, one tensor at a time, so the
+whole model is never held in bf16 on the target device.
+
+Placeholders matter because transformers casts or shape-checks an incoming
+tensor against the parameter it replaces, and the rules changed inside 5.x
+(5.17 casts a tensor to the placeholder's dtype before the quantize op runs):
+
+* quantize-on-load: ``weight`` is a float ``[N, K]`` placeholder of the model
+  dtype, so a bf16 checkpoint tensor is never truncated by a cast to uint8;
+* loading stored bytes (and after each quantization): ``weight`` is a uint8
+  ``[N, K/2]`` placeholder, so the stored bytes are never cast to a float type
+  and a weight offloaded to disk is read back with the right shape and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+
+from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.linear import MXFP4Linear
+from qwantize_hf.ops import quantize_mxfp4
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODULES_TO_NOT_CONVERT = ("lm_head",)
+
+
+# --------------------------------------------------------------------------- which modules
+
+
+def module_matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when one of ``patterns`` is ``name`` or a run of its dotted components.
+
+    ``"lm_head"`` matches ``lm_head`` and ``model.lm_head``; ``"layers.0.mlp"``
+    matches ``model.layers.0.mlp.up_proj``; ``"proj"`` does not match ``q_proj``.
+    """
+    padded = f".{name}."
+    return any(f".{pattern.strip('.')}." in padded for pattern in patterns)
+
+
+def tied_module_names(model: nn.Module) -> set[str]:
+    """Modules whose weight is tied to another module's (e.g. lm_head ↔ embed_tokens).
+
+    A tied weight is one tensor seen under two names; quantizing it under one
+    name would change the other, so such modules always stay unquantized.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    names = set(tied) | set(tied.values())
+    return {name.rpartition(".")[0] for name in names if name.endswith(".weight")}
+
+
+def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """The user's list, or ``lm_head`` + ``_keep_in_fp32_modules``; plus every tied module."""
+    if requested is None:
+        keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+        skip = [*DEFAULT_MODULES_TO_NOT_CONVERT, *keep_fp32]
+    else:
+        skip = list(requested)
+    skip += sorted(tied_module_names(model))
+    return sorted(set(skip), key=skip.index)
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+def use_float_placeholder(module: MXFP4Linear, dtype: torch.dtype) -> None:
+    """Make ``weight`` a meta ``[N, K]`` float tensor that a checkpoint weight can be loaded into."""
+    shape = (module.out_features, module.in_features)
+    module.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+
+
+def use_packed_placeholder(module: MXFP4Linear) -> None:
+    """Make ``weight`` a meta uint8 ``[N, K/2]`` tensor, the layout stored in a checkpoint."""
+    shape = (module.out_features, module.in_features // F4_CODES_PER_BYTE)
+    module.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device="meta"), requires_grad=False)
+
+
+def awaits_quantization(module: nn.Module) -> bool:
+    return isinstance(module, MXFP4Linear) and module.weight.is_floating_point()
+
+
+# --------------------------------------------------------------------------- the swap
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_linear_with_mxfp4(
+    model: nn.Module,
+    *,
+    block_size: int,
+    modules_to_not_convert: Iterable[str],
+    quantize_on_load: bool,
+) -> list[str]:
+    """Swap every eligible ``nn.Linear`` of a (meta) model for an MXFP4Linear, in place.
+
+    Only modules whose type is exactly ``nn.Linear`` are eligible: a subclass may
+    carry a forward of its own that an MXFP4Linear would silently drop.
+
+    Returns the Linears left alone because ``in_features`` is not a multiple of
+    ``block_size`` (modules in ``modules_to_not_convert`` are not listed).
+    """
+    skip = list(modules_to_not_convert)
+    not_divisible = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module_matches(name, skip):
+            continue
+        if module.in_features % block_size:
+            not_divisible.append(name)
+            continue
+        weight = module.weight
+        replacement = MXFP4Linear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            block_size=block_size,
+            bias_dtype=weight.dtype,
+            device=weight.device,
+        )
+        if quantize_on_load:
+            use_float_placeholder(replacement, weight.dtype)
+        else:
+            use_packed_placeholder(replacement)
+        _set_submodule(model, name, replacement)
+    return not_divisible
+
+
+def check_all_quantized(model: nn.Module) -> None:
+    """Raise when a layer still waits for a weight that the checkpoint never provided."""
+    waiting = [name for name, module in model.named_modules() if awaits_quantization(module)]
+    if waiting:
+        raise RuntimeError(
+            f"{len(waiting)} layer(s) never received a weight to quantize, first {waiting[0]!r}: the "
+            "checkpoint has no such weight (is it tied to another one?). Add those modules to "
+            "MXFP4Config(modules_to_not_convert=[...])"
+        )
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Swap every MXFP4Linear back to an ``nn.Linear`` holding ``dequantize(weight)``; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MXFP4Linear):
+            continue
+        if module.weight.device.type == "meta":
+            raise RuntimeError(
+                f"{name} is offloaded (its weight is on the meta device), so it cannot be dequantized in "
+                "place; load with device_map on a single device (e.g. 'cpu' or 'cuda') to dequantize"
+            )
+        target = dtype or (module.bias.dtype if module.bias is not None else torch.bfloat16)
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            device="meta",
+            dtype=target,
+        )
+        # A plain model again: trainable like any nn.Linear.
+        linear.weight = nn.Parameter(module.dequantized_weight(target))
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(target))
+        _set_submodule(model, name, linear)
+        count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class QuantizeOnLoad(ConversionOps):
+    """transformers' load-time op: a float ``<module>.weight`` becomes ``weight`` + ``weight_scale``.
+
+    It runs on the tensor as transformers placed it (the device_map's device),
+    so on CUDA the Triton quantize kernel does the work.
+    """
+
+    def __init__(self, hf_quantizer: Any) -> None:
+        # transformers looks for `hf_quantizer` on an op to tell load ops from others.
+        self.hf_quantizer = hf_quantizer
+
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        config = self.hf_quantizer.quantization_config
+        converted = {}
+        for name, value in input_dict.items():
+            tensor = value[0] if isinstance(value, list) else value
+            module_name, _, tensor_name = name.rpartition(".")
+            module = model.get_submodule(module_name) if model is not None else None
+            if tensor_name != "weight" or not awaits_quantization(module):
+                converted[name] = tensor
+                continue
+            packed, scales = quantize_mxfp4(
+                tensor, block_size=config.block_size, scale_method=config.scale_method, name=module_name
+            )
+            use_packed_placeholder(module)
+            converted[name] = packed
+            converted[f"{module_name}.weight_scale"] = scales
+        return converted
+
+
+def hub_id_or_none(name_or_path: str | os.PathLike | None) -> str | None:
+    """``name_or_path`` when it names a Hub repository (``org/name``), None for a local folder."""
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/")):
+        return None
+    return name

@@ -1,0 +1,60 @@
+"""Tiny causal LMs built from configs (random weights, a few hundred KB each) for the plugin tests.
+
+Nothing here downloads anything: each model is built with ``from_config`` and
+saved to a temporary folder as a bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config
+
+VOCAB = 256
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+# Llama: plain q/k/v/o + gate/up/down; Qwen2: q/k/v with biases; Phi3: fused qkv_proj and gate_up_proj.
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
+}
+
+
+def odd_llama_config() -> LlamaConfig:
+    """One layer whose down_proj has in_features 80, not a multiple of 32 (nor of 16)."""
+    return LlamaConfig(**{**COMMON, "num_hidden_layers": 1, "intermediate_size": 80})
+
+
+def tied_llama_config() -> LlamaConfig:
+    return LlamaConfig(**{**COMMON, "tie_word_embeddings": True})
+
+
+def save_random_model(config, folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def linear_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that is an nn.Linear or an MXFP4Linear, by name."""
+    from qwantize_hf import MXFP4Linear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, MXFP4Linear))}
+
+
+def input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=generator)
