@@ -1,0 +1,75 @@
+"""``qwantize-convert``: checkpoint conversion between qwantize_hf and other runtimes' layouts.
+
+    qwantize-convert to-compressed-tensors   OURS_DIR  OUT_DIR   # for vLLM
+    qwantize-convert from-compressed-tensors CT_DIR    OUT_DIR   # an llm-compressor MXFP4 model
+
+Argument parsing only; the work is in ``qwantize_hf.integrations.compressed_tensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from qwantize_hf.constants import SCALE_METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwantize-convert",
+        description="Convert MXFP4 checkpoints between qwantize_hf and compressed-tensors (the layout vLLM serves).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    to_ct = commands.add_parser(
+        "to-compressed-tensors",
+        help="qwantize_hf checkpoint folder -> compressed-tensors MXFP4 (W4A16) folder, for vLLM",
+    )
+    to_ct.add_argument("src", help="folder written by save_pretrained of a model quantized with qwantize_hf")
+    to_ct.add_argument("out", help="output folder")
+    to_ct.add_argument(
+        "--ignore",
+        nargs="+",
+        metavar="MODULE",
+        help="the unquantized Linear modules to list in 'ignore' (default: found from the model's architecture)",
+    )
+    to_ct.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+
+    from_ct = commands.add_parser(
+        "from-compressed-tensors",
+        help="compressed-tensors MXFP4 folder (llm-compressor) -> qwantize_hf checkpoint folder",
+    )
+    from_ct.add_argument("src", help="compressed-tensors checkpoint folder with format 'mxfp4-pack-quantized'")
+    from_ct.add_argument("out", help="output folder")
+    from_ct.add_argument(
+        "--scale-method",
+        choices=SCALE_METHODS,
+        default="even",
+        help="recorded in the config: how new weights would be quantized; the checkpoint's scales are kept as "
+        "they are (default: even, compressed-tensors' own rule)",
+    )
+    from_ct.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from qwantize_hf.integrations import compressed_tensors
+
+    try:
+        if args.command == "to-compressed-tensors":
+            compressed_tensors.to_compressed_tensors(args.src, args.out, ignore=args.ignore, overwrite=args.overwrite)
+        else:
+            compressed_tensors.from_compressed_tensors(
+                args.src, args.out, scale_method=args.scale_method, overwrite=args.overwrite
+            )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        logging.getLogger("qwantize-convert").error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
