@@ -1,6 +1,6 @@
 """Model cards (README.md) for MXFP4 checkpoints, and their upload with ``push_to_hub``.
 
-``render_model_card`` fills ``model_cards/template.md`` from the checkpoint's
+``render_model_card`` fills ``qwantize_hf/model_card_template.md`` (shipped with the package) from the checkpoint's
 ``quantization_config`` and, when given, the eval engineer's results JSON. It
 states only what the config and the results say: nothing here measures or
 guesses a number.
@@ -23,7 +23,7 @@ from typing import Any
 
 from qwantize_hf.constants import BITS_PER_WEIGHT
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card_template.md"
 CARD_INFO_ATTRIBUTE = "qwantize_card_info"
 DEFAULT_REPO_ID = "path/to/this/model"
 
