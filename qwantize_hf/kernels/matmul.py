@@ -1,0 +1,470 @@
+"""Triton fused MXFP4 matmul: ``y = x @ dequant(W).T (+ bias)`` straight from packed codes and scale bytes.
+
+Its torch twin is ``dequantize_blocks_torch`` followed by ``F.linear``. The bf16/fp16
+weight never exists in global memory: each program turns a tile of packed bytes into
+``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
+
+Two launch families share one kernel body and differ only in their configs:
+
+- decode (M <= ``DECODE_MAX_M``): memory-bound. The weight tile is the dot's register
+  operand (64-128 output features) and the few rows of x, padded to 16, the shared-memory
+  one, so no tensor-core row is wasted on a weight. K is split over several programs so
+  that every SM streams weight bytes; the last program of an output tile to finish adds
+  the others' fp32 partials (one launch, no atomics on the output, no second kernel).
+- prefill (larger M): compute-bound. 64-256 row tiles, grouped tile order for L2 reuse.
+
+Code -> value without a lookup table: the 3 magnitude bits of an E2M1 code placed at the
+bottom of a float32/bfloat16 exponent field, and its sign at the sign bit, read as a float
+give ``value * 2**-126`` exactly (exponent field 0 is the subnormal range, which is how
+E2M1 encodes 0 and 0.5); one multiply by ``2**126`` and one by the block scale finish it.
+For bf16 this runs on int32 words, two values per register (``_dequantize_words_bf16``):
+about 2 integer ops and 1 bf16x2 multiply a weight. fp16 takes the per-byte float32 path.
+The multiplies must keep subnormals (they do: Triton does not flush them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qwantize_hf import constants as C
+from qwantize_hf.kernels.dequantize import e8m0_value
+from qwantize_hf.ops import _interpreting
+
+_NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
+_CODE_SIGN_BIT: tl.constexpr = tl.constexpr(3)  # bit index of F4_E2M1_SIGN_BIT
+# float32 bit positions of an E2M1 code's magnitude bits (22-24) and sign (31).
+_F32_MAG_SHIFT: tl.constexpr = tl.constexpr(C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)
+_F32_MAG_BITS: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK << (C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS))
+_F32_SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # code bit 3 -> float32 bit 31
+_F32_SIGN_BITS: tl.constexpr = tl.constexpr(-(1 << C.F32_SIGN_SHIFT))  # 0x80000000 as int32
+# The placed bits read as value * 2**-126 (float32 and bfloat16 share the exponent bias):
+# one exact multiply by 2**126 undoes that.
+_DENORMAL_UNDO: tl.constexpr = tl.constexpr(2.0 ** (C.F32_EXP_BIAS - 1))
+# bfloat16 pairs: the same placement in each 16-bit half of an int32, magnitude at
+# bits 6-8 (and 22-24), sign at bit 15 (and 31).
+_BF16_MANTISSA_BITS = 7
+_BF16_MAG_SHIFT: tl.constexpr = tl.constexpr(_BF16_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)
+_BF16_SIGN_SHIFT: tl.constexpr = tl.constexpr(15 - 3)
+_PAIR_MAG_BITS: tl.constexpr = tl.constexpr((C.F4_E2M1_MAG_MASK << 6) * 0x10001)  # 0x01C001C0
+_PAIR_SIGN_BITS: tl.constexpr = tl.constexpr(0x80008000 - (1 << 32))  # as int32
+_CODES_PER_WORD: tl.constexpr = tl.constexpr(8)  # E2M1 codes in one int32 of packed bytes
+_HIGH_HALF: tl.constexpr = tl.constexpr(-(1 << 16))  # 0xFFFF0000 as int32
+
+DECODE_MAX_M = 16  # rows of x up to which the decode configs are used
+_DECODE_BLOCK_M = 16  # smallest tl.dot extent; x rows are padded to it
+_COUNTER_SLOTS = 1 << 16  # split-K arrival counters, enough for N <= 4M at BLOCK_N >= 64
+
+
+@triton.jit
+def _dequantize_bytes(packed, scale_bytes, BLOCK_SIZE: tl.constexpr, out_dtype: tl.constexpr):
+    """[R, C] packed bytes and [R, 2C/BLOCK_SIZE] scale bytes -> [R, 2C] values in ``out_dtype``, K in order."""
+    R: tl.constexpr = packed.shape[0]
+    HALF: tl.constexpr = packed.shape[1]
+    b = packed.to(tl.int32)
+    # Element 2i (low nibble) and 2i+1 (high nibble) as float32 bits of value * 2**-126.
+    low = ((b << _F32_MAG_SHIFT) & _F32_MAG_BITS) | ((b << _F32_SIGN_SHIFT) & _F32_SIGN_BITS)
+    high_code = b >> _NIBBLE
+    high = ((high_code << _F32_MAG_SHIFT) & _F32_MAG_BITS) | ((high_code << _F32_SIGN_SHIFT) & _F32_SIGN_BITS)
+    bits = tl.reshape(tl.join(low, high), [R, 2 * HALF])
+    tiny = bits.to(tl.float32, bitcast=True) * _DENORMAL_UNDO
+    scale = e8m0_value(scale_bytes.to(tl.int32))
+    values = tl.reshape(tiny, [R, 2 * HALF // BLOCK_SIZE, BLOCK_SIZE]) * scale[:, :, None]
+    return tl.reshape(values, [R, 2 * HALF]).to(out_dtype)
+
+
+@triton.jit
+def _code_pair(words, P: tl.constexpr):
+    """Codes P and P+4 of each int32 word as the bf16 bits of ``value * 2**-126`` in its low and high half."""
+    MAG: tl.constexpr = _BF16_MAG_SHIFT - _NIBBLE * P
+    SIGN: tl.constexpr = _BF16_SIGN_SHIFT - _NIBBLE * P
+    if MAG >= 0:
+        mag = words << MAG
+    else:
+        mag = words >> -MAG  # arithmetic shift: the copied sign bits land outside the mask
+    return (mag & _PAIR_MAG_BITS) | ((words << SIGN) & _PAIR_SIGN_BITS)
+
+
+@triton.jit
+def _dequantize_words_bf16(words, scale_bytes, BLOCK_SIZE: tl.constexpr, INTERPRET: tl.constexpr):
+    """[R, W] int32 words of packed codes -> bf16 [R, W, 4, 2]: element 8w + p + 4h at [r, w, p, h].
+
+    Works on pairs of bf16 packed in an int32 (SIMD within a register): two shifts
+    and two masks make two values, and each multiply below is one bf16x2 instruction.
+    """
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    WORDS_PER_BLOCK: tl.constexpr = BLOCK_SIZE // _CODES_PER_WORD
+    # join(join(p0, p2), join(p1, p3)) flattens to p0, p1, p2, p3 along the new last axis.
+    even = tl.join(_code_pair(words, 0), _code_pair(words, 2))
+    odd = tl.join(_code_pair(words, 1), _code_pair(words, 3))
+    pairs = tl.reshape(tl.join(even, odd), [R, W, 4])
+    scale = e8m0_value(scale_bytes.to(tl.int32))  # exact: a power of two, or NaN
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [R, W // WORDS_PER_BLOCK, WORDS_PER_BLOCK]), [R, W])
+    if INTERPRET:
+        # The interpreter has no bf16 arithmetic and flushes bf16 subnormals: widen each
+        # half to the float32 with the same bits (bf16 is float32's top half) instead.
+        low = (pairs << 16).to(tl.float32, bitcast=True) * _DENORMAL_UNDO * scale[:, :, None]
+        high = (pairs & _HIGH_HALF).to(tl.float32, bitcast=True) * _DENORMAL_UNDO * scale[:, :, None]
+        return tl.join(low, high).to(tl.bfloat16)
+    scale = scale.to(tl.bfloat16)[:, :, None]
+    low = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True) * _DENORMAL_UNDO * scale
+    high = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True) * _DENORMAL_UNDO * scale
+    return tl.join(low, high)
+
+
+@triton.jit
+def _words_to_dot_order(values, BLOCK_K: tl.constexpr):
+    """bf16 [R, W, 4, 2] from ``_dequantize_words_bf16`` -> [R, BLOCK_K] in a permuted K order.
+
+    The order puts each thread's 16 loaded bytes exactly where the wgmma register
+    operand wants them, so no value moves between threads; x is loaded in the same order.
+    """
+    R: tl.constexpr = values.shape[0]
+    v = tl.reshape(values, [R, BLOCK_K // 128, 2, 2, 2, 2, 2, 2, 2])  # [r, uh, u3, u2, u1, u0, p1, p0, h]
+    v = tl.permute(v, (0, 1, 4, 5, 6, 7, 2, 3, 8))  # [r, uh, u1, u0, p1, p0, u3, u2, h]
+    return tl.reshape(v, [R, BLOCK_K])
+
+
+@triton.jit
+def _words_to_k_order(values, BLOCK_K: tl.constexpr):
+    """bf16 [R, W, 4, 2] from ``_dequantize_words_bf16`` -> [R, BLOCK_K] with K in memory order."""
+    return tl.reshape(tl.permute(values, (0, 1, 3, 2)), [values.shape[0], BLOCK_K])
+
+
+@triton.jit
+def _x_to_dot_order(x, BLOCK_K: tl.constexpr):
+    """x [R, BLOCK_K] in memory order -> the permuted K order of ``_words_to_dot_order``.
+
+    Memory element e = 8u + p + 4h (word u = u0 + 2u1 + 4u2 + 8u3 + 16uh) goes to the
+    position with bits, low to high, h, u2, u3, p0, p1, u0, u1, uh: a fixed shuffle of
+    each 128 elements, done on the loaded tile so the load itself stays contiguous.
+    """
+    R: tl.constexpr = x.shape[0]
+    v = tl.reshape(x, [R, BLOCK_K // 128, 2, 2, 2, 2, 2, 2, 2])  # [r, uh, u3, u2, u1, u0, h, p1, p0]
+    v = tl.permute(v, (0, 1, 4, 5, 7, 8, 2, 3, 6))  # [r, uh, u1, u0, p1, p0, u3, u2, h]
+    return tl.reshape(v, [R, BLOCK_K])
+
+
+@triton.jit
+def _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, W_IS_A: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if W_IS_A:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    return acc
+
+
+@triton.jit
+def _k_step(
+    acc,
+    x_rows,
+    w_rows,
+    s_rows,
+    k0,
+    k_end,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    W_IS_A: tl.constexpr,
+    WORDS: tl.constexpr,
+    PERMUTE_K: tl.constexpr,
+    MASKED: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """One BLOCK_K slice: load x, packed codes and scale bytes, dequantize in registers, accumulate.
+
+    ``WORDS``: ``w_rows`` points at int32 words (bf16 only), and with ``PERMUTE_K`` both
+    tiles are shuffled to the K order of ``_words_to_dot_order`` (the weight is the dot's
+    register operand); else ``w_rows`` points at bytes. Without ``PERMUTE_K`` K runs in
+    memory order. Only the last, partial step of a split is ``MASKED``: full steps need
+    no K mask, and rows were clamped in range.
+    """
+    ks = tl.arange(0, BLOCK_K // BLOCK_SIZE)
+    s_ptrs = s_rows + (k0 // BLOCK_SIZE + ks)[None, :]
+    if WORDS:
+        x_cols = k0 + tl.arange(0, BLOCK_K)
+        kw = tl.arange(0, BLOCK_K // _CODES_PER_WORD)
+        w_ptrs = w_rows + (k0 // _CODES_PER_WORD + kw)[None, :]
+        if MASKED:
+            x = tl.load(x_rows + x_cols[None, :], mask=(x_cols < k_end)[None, :], other=0.0)
+            words = tl.load(w_ptrs, mask=((k0 + kw * _CODES_PER_WORD) < k_end)[None, :], other=0)
+            scale_bytes = tl.load(s_ptrs, mask=((k0 + ks * BLOCK_SIZE) < k_end)[None, :], other=0)
+        else:
+            x = tl.load(x_rows + x_cols[None, :])
+            words = tl.load(w_ptrs)
+            scale_bytes = tl.load(s_ptrs)
+        values = _dequantize_words_bf16(words, scale_bytes, BLOCK_SIZE, INTERPRET)
+        if PERMUTE_K:
+            w = _words_to_dot_order(values, BLOCK_K)
+            x = _x_to_dot_order(x, BLOCK_K)
+        else:
+            w = _words_to_k_order(values, BLOCK_K)
+    else:
+        kk = tl.arange(0, BLOCK_K)
+        kb = tl.arange(0, BLOCK_K // 2)
+        x_ptrs = x_rows + (k0 + kk)[None, :]
+        w_ptrs = w_rows + (k0 // 2 + kb)[None, :]
+        if MASKED:
+            x = tl.load(x_ptrs, mask=((k0 + kk) < k_end)[None, :], other=0.0)
+            packed = tl.load(w_ptrs, mask=((k0 + 2 * kb) < k_end)[None, :], other=0)
+            scale_bytes = tl.load(s_ptrs, mask=((k0 + ks * BLOCK_SIZE) < k_end)[None, :], other=0)
+        else:
+            x = tl.load(x_ptrs)
+            packed = tl.load(w_ptrs)
+            scale_bytes = tl.load(s_ptrs)
+        w = _dequantize_bytes(packed, scale_bytes, BLOCK_SIZE, x_rows.dtype.element_ty)
+    if INTERPRET:
+        # The interpreter's tl.dot multiplies bf16 bit patterns as integers; the same
+        # rounded values in float32 give the product the compiled kernel computes.
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+    if W_IS_A:
+        acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _mxfp4_matmul_kernel(
+    x_ptr,
+    packed_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    half_k,  # K // 2, K // 8, K // BLOCK_SIZE: passed so Triton sees their divisibility
+    words_k,
+    blocks_k,
+    stride_xm,
+    stride_om,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    W_IS_A: tl.constexpr,
+    WORDS: tl.constexpr,
+    PERMUTE_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # The word path makes bf16 weights; fp16 activations take the byte path.
+    USE_WORDS: tl.constexpr = WORDS and x_ptr.dtype.element_ty == tl.bfloat16
+    # Tile order: GROUP_N weight tiles meet every x tile before the next group starts,
+    # so a group's packed weight stays in L2 while x streams past it.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * tiles_m
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_n = min(tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_m = (pid % per_group) // group_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Rows past the end load the last row again (their results are never stored), so
+    # the loads in the loop need no row mask.
+    rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+
+    # This program's share of K, in whole BLOCK_K steps; only the last split can end in a partial step.
+    steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    k_end = min(K, k_begin + steps_per_split * BLOCK_K)
+    k_full = k_begin + tl.maximum(k_end - k_begin, 0) // BLOCK_K * BLOCK_K
+
+    x_rows = x_ptr + rows_m[:, None] * stride_xm
+    s_rows = scales_ptr + rows_n[:, None] * blocks_k
+    if USE_WORDS:
+        w_rows = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k
+    else:
+        w_rows = packed_ptr + rows_n[:, None] * half_k
+
+    if W_IS_A:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if INTERPRET:
+        # The interpreter cannot take a runtime range() bound (numpy >= 2 refuses int() of
+        # its 1-element scalars); a while loop runs the same steps but is not
+        # software-pipelined, so the GPU build keeps the for loop.
+        k0 = k_begin
+        while k0 < k_full:
+            acc = _k_step(
+                acc, x_rows, w_rows, s_rows, k0, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, USE_WORDS, PERMUTE_K, False, True
+            )
+            k0 += BLOCK_K
+    else:
+        for k0 in range(k_begin, k_full, BLOCK_K):
+            acc = _k_step(
+                acc, x_rows, w_rows, s_rows, k0, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, USE_WORDS, PERMUTE_K, False, False
+            )
+    if k_full < k_end:
+        acc = _k_step(
+            acc,
+            x_rows,
+            w_rows,
+            s_rows,
+            k_full,
+            k_end,
+            BLOCK_K,
+            BLOCK_SIZE,
+            W_IS_A,
+            USE_WORDS,
+            PERMUTE_K,
+            True,
+            INTERPRET,
+        )
+
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    # acc indexed [n, m] when W_IS_A, else [m, n]; build matching offsets and masks once.
+    if W_IS_A:
+        tile_mask = n_ok[:, None] & m_ok[None, :]
+        tile_off = offs_m64[None, :] * N + offs_n64[:, None]
+        out_off = offs_m64[None, :] * stride_om + offs_n64[:, None]
+    else:
+        tile_mask = m_ok[:, None] & n_ok[None, :]
+        tile_off = offs_m64[:, None] * N + offs_n64[None, :]
+        out_off = offs_m64[:, None] * stride_om + offs_n64[None, :]
+
+    if SPLIT_K > 1:
+        # Publish this split's partial; the last of the SPLIT_K programs of this output
+        # tile to arrive (acq_rel counter) sums them all and resets the counter for the next call.
+        mn = M * N
+        tl.store(partial_ptr + pid_k * mn + tile_off, acc, mask=tile_mask)
+        counter = counter_ptr + pid_m * tiles_n + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros_like(acc)
+            for split in range(SPLIT_K):
+                acc += tl.load(partial_ptr + split * mn + tile_off, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)
+            acc = _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS, W_IS_A)
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        acc = _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS, W_IS_A)
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def _config(block_m, block_n, block_k, split_k, w_is_a, words, permute_k, warps, stages, group_n=1) -> triton.Config:
+    return triton.Config(
+        {
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "BLOCK_K": block_k,
+            "SPLIT_K": split_k,
+            "GROUP_N": group_n,
+            "W_IS_A": w_is_a,
+            "WORDS": words,
+            "PERMUTE_K": permute_k,
+        },
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# Small on purpose: every config is compiled on first use of each dtype, on the lease's clock.
+DECODE_CONFIGS = (
+    _config(_DECODE_BLOCK_M, 64, 256, 4, True, True, True, 4, 3),
+    _config(_DECODE_BLOCK_M, 64, 256, 8, True, True, True, 4, 3),
+    _config(_DECODE_BLOCK_M, 128, 256, 2, True, True, True, 8, 3),
+    _config(_DECODE_BLOCK_M, 64, 512, 2, True, True, True, 4, 2),
+)
+PREFILL_CONFIGS = (
+    # The weight as the register operand of wgmma: its dequantization overlaps the previous
+    # step's asynchronous matrix product instead of waiting for a shared-memory buffer.
+    _config(64, 128, 128, 1, True, True, True, 8, 3, group_n=8),
+    _config(128, 128, 128, 1, True, True, True, 8, 3, group_n=8),
+    _config(256, 128, 64, 1, False, True, False, 8, 3, group_n=8),
+)
+
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "BLOCK_SIZE"]
+_decode_kernel = triton.autotune(configs=list(DECODE_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
+_prefill_kernel = triton.autotune(configs=list(PREFILL_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
+
+
+@functools.cache
+def _split_k_counters(device: torch.device) -> torch.Tensor:
+    # Zeroed once; every split-K output tile leaves its counter at zero again, so this
+    # buffer serves every call, CUDA-graph replays included.
+    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: one tuning per power of two, so new prompt lengths don't re-tune."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def mxfp4_matmul_triton(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(packed [N, K/2], scales [N, K/block_size]).T + bias`` in ``x.dtype``.
+
+    ``x`` (bf16 or fp16) must be contiguous along K, ``packed`` and ``scales`` contiguous;
+    shapes are assumed checked (see ``qwantize_hf.matmul``). ``config`` forces one kernel
+    config (benchmarks, tests); None dispatches on M to the autotuned decode or prefill configs.
+    """
+    m, k = x.shape
+    n = packed.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    if packed.data_ptr() % 16:
+        packed = packed.clone()  # word loads need a 16-byte aligned start; a fresh allocation is
+    if config is not None:
+        configs = (config,)
+    else:
+        configs = DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS
+    max_split = max(cfg.kwargs["SPLIT_K"] for cfg in configs)
+    smallest_tiles = min(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
+    if max_split > 1 and smallest_tiles > _COUNTER_SLOTS:
+        raise ValueError(
+            f"mxfp4_linear: an output of {m}x{n} has more split-K tiles ({smallest_tiles}) than the "
+            f"{_COUNTER_SLOTS} arrival counters; split the layer's output features"
+        )
+    partial = torch.empty(max_split * m * n if max_split > 1 else 1, dtype=torch.float32, device=x.device)
+    counters = _split_k_counters(x.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    args = (
+        x, packed, scales, bias if bias is not None else out, out, partial, counters,
+        m, n, k, k // 2, k // 8, k // block_size, x.stride(0), n, _m_bucket(m),
+    )  # fmt: skip
+    kwargs = {"HAS_BIAS": bias is not None, "BLOCK_SIZE": block_size, "INTERPRET": _interpreting()}
+    if config is not None:
+        _mxfp4_matmul_kernel[grid(config.kwargs)](
+            *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    elif m <= DECODE_MAX_M:
+        _decode_kernel[grid](*args, **kwargs)
+    else:
+        _prefill_kernel[grid](*args, **kwargs)
+    return out

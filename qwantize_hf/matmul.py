@@ -1,0 +1,121 @@
+"""``mxfp4_linear``: ``x @ dequant(packed, scales).T + bias`` as one ``torch.library`` custom op.
+
+The op ``qwantize_hf::mxfp4_linear(x, packed, scales, bias, block_size)`` has
+
+- a fake (meta) implementation, so ``torch.compile`` traces through it without
+  graph breaks and CUDA graphs capture it as one opaque call;
+- a CUDA implementation: the fused Triton kernel (``qwantize_hf.kernels.matmul``)
+  for bf16/fp16 activations, which never writes the dequantized weight to memory;
+- a CPU implementation (also the CUDA one for float32 activations):
+  ``dequantize_mxfp4`` + ``F.linear`` in the input dtype, the kernel's torch twin.
+
+Every check on user input happens in ``check_mxfp4_linear_args``, which the fake
+implementation runs too, so a bad shape fails at trace time with the same message.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, F4_CODES_PER_BYTE
+from qwantize_hf.format import check_block_size
+from qwantize_hf.ops import dequantize_mxfp4
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# Above this many rows of x, dequantize + cuBLAS beat the fused kernel on the H100
+# (eval/results/bench_matmul_h100.md: fused 1.5-4.7x faster than it at M <= 16,
+# mixed at M = 64, slower from M = 256), so larger inputs take that path.
+FUSED_MAX_ROWS = 16
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_mxfp4_linear_args(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
+) -> None:
+    """Raise a ValueError/TypeError naming the bad argument and the fix; return None when all is well."""
+    check_block_size(block_size)
+    if x.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError(f"mxfp4_linear: x must be one of {_ACTIVATION_DTYPES}, got {x.dtype}")
+    for name, tensor in (("packed", packed), ("scales", scales)):
+        if tensor.dtype != torch.uint8 or tensor.ndim != 2:
+            raise TypeError(
+                f"mxfp4_linear: {name} must be a 2-D torch.uint8 tensor, got {tensor.dtype} of shape "
+                f"{tuple(tensor.shape)} (quantize the [out, in] weight with quantize_mxfp4)"
+            )
+    n, half_k = packed.shape
+    k = half_k * F4_CODES_PER_BYTE
+    if x.ndim == 0 or x.shape[-1] != k:
+        raise ValueError(
+            f"mxfp4_linear: x has {x.shape[-1] if x.ndim else 0} input features but packed {tuple(packed.shape)} "
+            f"holds rows of {k}; pass x of shape [..., {k}]"
+        )
+    if tuple(scales.shape) != (n, k // block_size):
+        raise ValueError(
+            f"mxfp4_linear: scales must have shape {(n, k // block_size)} for packed {tuple(packed.shape)} "
+            f"and block_size {block_size}, got {tuple(scales.shape)} (was it quantized with another block_size?)"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"mxfp4_linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    for name, tensor in (("packed", packed), ("scales", scales), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"mxfp4_linear: x is on {x.device} but {name} is on {tensor.device}; move both to one")
+
+
+def _reference(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    weight = dequantize_mxfp4(packed, scales, block_size=block_size, dtype=x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("qwantize_hf::mxfp4_linear", mutates_args=())
+def _mxfp4_linear_op(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    check_mxfp4_linear_args(x, packed, scales, bias, block_size)
+    return _reference(x, packed, scales, bias, block_size)
+
+
+@_mxfp4_linear_op.register_kernel("cuda")
+def _mxfp4_linear_cuda(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    check_mxfp4_linear_args(x, packed, scales, bias, block_size)
+    if x.dtype not in _KERNEL_DTYPES:
+        # float32 activations would run the kernel's dot in tf32; the twin keeps them exact.
+        return _reference(x, packed, scales, bias, block_size)
+    from qwantize_hf.kernels.matmul import mxfp4_matmul_triton
+
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] > FUSED_MAX_ROWS:
+        return _reference(x, packed, scales, bias, block_size)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    out = mxfp4_matmul_triton(x2d, packed.contiguous(), scales.contiguous(), bias, block_size)
+    return out.reshape(*lead, packed.shape[0])
+
+
+@_mxfp4_linear_op.register_fake
+def _mxfp4_linear_fake(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    check_mxfp4_linear_args(x, packed, scales, bias, block_size)
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def mxfp4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> torch.Tensor:
+    """``x [..., K] @ W.T + bias`` for ``W`` stored as MXFP4 ``packed [N, K/2]``, ``scales [N, K/block_size]``.
+
+    Output ``[..., N]`` in ``x.dtype``; accumulation in float32. On CUDA with bf16/fp16
+    activations this is the fused Triton kernel; elsewhere it is ``dequantize_mxfp4`` +
+    ``F.linear``. Works under ``torch.compile`` and CUDA graphs (a registered custom op).
+    """
+    return torch.ops.qwantize_hf.mxfp4_linear(x, packed, scales, bias, block_size)

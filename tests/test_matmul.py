@@ -1,0 +1,179 @@
+"""The fused MXFP4 matmul (Triton kernels and the ``qwantize_hf::mxfp4_linear`` op) against
+``dequantize_mxfp4`` + a float32 matmul.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py) on small shapes,
+one forced config at a time, so every code path (decode's permuted-K word path, the
+in-order word path, the byte path for fp16, split-K, the partial last K step) is covered
+on CPU. With a GPU the same tests run compiled, plus the autotuned dispatch, CUDA graphs
+and torch.compile on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from qwantize_hf import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
+from qwantize_hf.constants import E8M0_NAN  # noqa: E402
+from qwantize_hf.kernels.matmul import _config, mxfp4_matmul_triton  # noqa: E402
+from qwantize_hf.matmul import mxfp4_linear  # noqa: E402
+from tests.conftest import KERNEL_DEVICE  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+MAX_REL_ERR = 1e-2
+
+# Small tiles so the interpreter stays fast; each names the path it exercises.
+CPU_CONFIGS = {
+    "decode-permuted": _config(16, 32, 128, 1, True, True, True, 4, 1),
+    "decode-permuted-splitk": _config(16, 32, 256, 3, True, True, True, 4, 1),
+    "prefill-words": _config(32, 32, 64, 1, False, True, False, 4, 1, group_n=2),
+    "bytes-splitk": _config(32, 16, 64, 2, False, False, False, 4, 1, group_n=2),
+    "bytes-w-as-a": _config(16, 32, 64, 1, True, False, False, 4, 1),
+}
+# (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,
+# M not a power of two, fp16, block size 16.
+CASES = [
+    (1, 33, 416, torch.bfloat16, True, 32),
+    (5, 17, 160, torch.float16, False, 32),
+    (37, 40, 192, torch.bfloat16, True, 16),
+    (3, 65, 96, torch.bfloat16, False, 32),
+]
+
+
+def make_inputs(m, n, k, dtype, with_bias, block_size, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    # Rows of different magnitudes, so blocks get many different scale bytes.
+    w = torch.randn(n, k, generator=gen) * 2.0 ** torch.randint(-12, 4, (n, 1), generator=gen).float()
+    packed, scales = quantize_mxfp4(w, block_size=block_size, backend="torch")
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    to = {"device": device}
+    return x.to(**to), packed.to(**to), scales.to(**to), None if bias is None else bias.to(**to)
+
+
+def reference(x, packed, scales, bias, block_size):
+    """float32 matmul of the (exact) dequantized weight, on the CPU."""
+    w = dequantize_mxfp4(packed.cpu(), scales.cpu(), block_size=block_size, dtype=torch.float32)
+    out = x.cpu().float() @ w.T
+    return out if bias is None else out + bias.cpu().float()
+
+
+def rel_err(out, ref):
+    return float((out.cpu().float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-{str(c[3])[6:]}-bs{c[5]}")
+@pytest.mark.parametrize("name", list(CPU_CONFIGS))
+def test_kernel_config_matches_reference(name, case):
+    m, n, k, dtype, with_bias, block_size = case
+    seed = 100 * list(CPU_CONFIGS).index(name) + CASES.index(case)
+    x, packed, scales, bias = make_inputs(m, n, k, dtype, with_bias, block_size, seed, KERNEL_DEVICE)
+    out = mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=CPU_CONFIGS[name])
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference(x, packed, scales, bias, block_size)) < MAX_REL_ERR
+
+
+def test_split_k_counters_reset_between_calls():
+    """Split-K arrival counters must be back at zero after each call, or the next call sums garbage."""
+    cfg = CPU_CONFIGS["decode-permuted-splitk"]
+    for seed in range(3):
+        x, packed, scales, bias = make_inputs(2, 33, 416, torch.bfloat16, True, 32, seed, KERNEL_DEVICE)
+        out = mxfp4_matmul_triton(x, packed, scales, bias, 32, config=cfg)
+        assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+
+
+@pytest.mark.parametrize("name", ["decode-permuted", "prefill-words", "bytes-splitk"])
+def test_nan_scale_gives_nan_rows(name):
+    x, packed, scales, _ = make_inputs(4, 17, 128, torch.bfloat16, False, 32, seed=7, device=KERNEL_DEVICE)
+    scales[5, 2] = E8M0_NAN
+    out = mxfp4_matmul_triton(x, packed, scales, None, 32, config=CPU_CONFIGS[name]).cpu()
+    assert torch.isnan(out[:, 5]).all()
+    assert torch.isfinite(out[:, torch.arange(17) != 5]).all()
+
+
+def test_op_matches_dequantize_then_linear_with_leading_dims():
+    x, packed, scales, bias = make_inputs(6, 24, 96, torch.bfloat16, True, 32, seed=3, device="cpu")
+    x = x.reshape(2, 3, 96)
+    out = mxfp4_linear(x, packed, scales, bias)
+    expected = F.linear(x, dequantize_mxfp4(packed, scales, dtype=torch.bfloat16), bias)
+    assert out.shape == (2, 3, 24) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def test_op_rejects_bad_shapes_with_a_fix():
+    x, packed, scales, bias = make_inputs(2, 8, 64, torch.bfloat16, True, 32, seed=4, device="cpu")
+    with pytest.raises(ValueError, match="input features"):
+        mxfp4_linear(x[:, :32], packed, scales)
+    with pytest.raises(ValueError, match="another block_size"):
+        mxfp4_linear(x, packed, scales, block_size=16)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        mxfp4_linear(x, packed, scales, bias[:4])
+    with pytest.raises(TypeError, match="uint8"):
+        mxfp4_linear(x, packed.to(torch.int16), scales)
+
+
+def test_opcheck_fake_and_schema():
+    x, packed, scales, bias = make_inputs(3, 8, 64, torch.bfloat16, True, 32, seed=5, device="cpu")
+    torch.library.opcheck(torch.ops.qwantize_hf.mxfp4_linear.default, (x, packed, scales, bias, 32))
+    torch.library.opcheck(torch.ops.qwantize_hf.mxfp4_linear.default, (x, packed, scales, None, 32))
+
+
+class _TinyMXFP4(torch.nn.Module):
+    def __init__(self, packed, scales, bias):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return torch.relu(mxfp4_linear(x, self.packed, self.scales, self.bias)) * 2
+
+
+def test_torch_compile_fullgraph_cpu():
+    x, packed, scales, bias = make_inputs(4, 16, 64, torch.bfloat16, True, 32, seed=6, device="cpu")
+    module = _TinyMXFP4(packed, scales, bias)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), module(x))
+
+
+# --------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 100, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_autotuned_dispatch_matches_reference(m, dtype):
+    x, packed, scales, bias = make_inputs(m, 1031, 1184, dtype, True, 32, seed=m, device="cuda")
+    out = mxfp4_linear(x, packed, scales, bias)
+    assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+
+
+@gpu
+def test_gpu_cuda_graph_replay_matches_eager():
+    x, packed, scales, bias = make_inputs(2, 4096, 1024, torch.bfloat16, True, 32, seed=11, device="cuda")
+    expected = mxfp4_linear(x, packed, scales, bias)  # also runs the autotuner outside the capture
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = mxfp4_linear(static_x, packed, scales, bias)
+    for seed in range(3):
+        static_x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        assert rel_err(static_out, reference(static_x, packed, scales, bias, 32)) < MAX_REL_ERR
+    static_x.copy_(x)
+    graph.replay()
+    torch.testing.assert_close(static_out, expected)
+
+
+@gpu
+def test_gpu_torch_compile_matches_eager():
+    x, packed, scales, bias = make_inputs(8, 512, 256, torch.bfloat16, True, 32, seed=12, device="cuda")
+    module = _TinyMXFP4(packed, scales, bias)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x))
