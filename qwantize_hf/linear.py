@@ -15,11 +15,11 @@ in ``replace.py``. It must never hold a dequantized weight between calls.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, F4_CODES_PER_BYTE
 from qwantize_hf.format import check_block_size
+from qwantize_hf.matmul import mxfp4_linear
 from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
 
 
@@ -92,10 +92,9 @@ class MXFP4Linear(nn.Module):
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # One place for the product, so a fused dequant-matmul kernel can take
-        # over CUDA inputs without touching forward or the loading code.
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        # The custom op: the fused Triton kernel for CUDA bf16/fp16 decode-sized
+        # inputs, dequantize + F.linear otherwise (see qwantize_hf/matmul.py).
+        return mxfp4_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)
 
     def extra_repr(self) -> str:
         return (

@@ -128,6 +128,12 @@ class MXFP4HfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # MXFP4Linear's product is a torch.library custom op with a fake implementation
+        # (qwantize_hf/matmul.py): torch.compile traces it and CUDA graphs capture it.
+        return True
+
 
 # --------------------------------------------------------------------------- registration
 

@@ -1,0 +1,178 @@
+"""Generation benchmark: a Llama-shaped causal LM (random weights) in bf16 vs MXFP4 (GPU only).
+
+Builds the model from a config dict written below (Llama-3.2-1B or Llama-3-8B shapes;
+nothing is downloaded), measures bf16, then swaps every ``nn.Linear`` inside the decoder
+layers for an MXFP4 layer whose product is the fused kernel (``mxfp4_linear``) and
+measures again with identical settings: greedy decode tokens/s at batch 1 and 8
+(static KV cache; generate() then compiles the decode step with CUDA graphs, for both,
+unless ``--no-compile``), prefill time for a 2k-token prompt, weight bytes
+and peak GPU memory. The embeddings and ``lm_head`` stay bf16 in both runs.
+
+    python eval/bench_generate.py --model 8b --out eval/results/bench_generate_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qwantize_hf.linear import MXFP4Linear
+
+CONFIGS = {
+    "1b": dict(  # meta-llama/Llama-3.2-1B
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(  # meta-llama/Meta-Llama-3-8B
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+}
+COMMON = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, hidden_act="silu")
+
+
+def quantize_decoder_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear under ``model.model.layers`` in place; returns how many."""
+    count = 0
+    for layer in model.model.layers:
+        for name, child in list(layer.named_modules()):
+            for attr, sub in list(child.named_children()):
+                if type(sub) is nn.Linear:
+                    setattr(child, attr, MXFP4Linear.from_linear(sub, name=f"{name}.{attr}"))
+                    count += 1
+    return count
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.parameters())
+
+
+def decoder_weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.model.layers.parameters())
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, label: str, args) -> dict:
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    results = {"label": label, "weights_gb": weight_bytes(model) / 1e9, "decoder_gb": decoder_weight_bytes(model) / 1e9}
+    # Prefill: one forward over a 2k-token prompt (no cache), median of a few.
+    prompt = torch.randint(0, vocab, (1, args.prefill_tokens), device="cuda", generator=gen)
+    with torch.inference_mode():
+        model(prompt, use_cache=False)
+        times = sorted(sync_time(lambda: model(prompt, use_cache=False)) for _ in range(5))
+    results["prefill_ms"] = times[len(times) // 2] * 1e3
+    for batch in args.batches:
+        ids = torch.randint(0, vocab, (batch, args.prompt_tokens), device="cuda", generator=gen)
+        kwargs = dict(
+            do_sample=False,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
+        with torch.inference_mode():
+            for _ in range(2):  # compile, capture and autotune outside the timed run
+                model.generate(ids, **kwargs)
+            one = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+            short = sync_time(lambda ids=ids, one=one: model.generate(ids, **one))
+            full = sync_time(lambda ids=ids, kwargs=kwargs: model.generate(ids, **kwargs))
+        # Subtract the prefill-and-first-token time so the rate is decode steps alone.
+        results[f"tok_s_b{batch}"] = batch * (args.new_tokens - 1) / (full - short)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        model.generate(torch.randint(0, vocab, (max(args.batches), args.prompt_tokens), device="cuda"), **kwargs)
+    results["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="8b")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIGS[args.model], **COMMON)
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    # With a static cache, generate() compiles the decode step itself (fullgraph, CUDA graphs).
+    model.generation_config.disable_compile = args.no_compile
+
+    rows = [measure(model, "bf16", args)]
+    n_quantized = quantize_decoder_linears(model)
+    # Drop the bf16 compiled step (and the weights its CUDA graphs keep alive) before measuring again.
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    rows.append(measure(model, "mxfp4 (fused kernel)", args))
+
+    base, quant = rows
+    lines = [
+        f"model: Llama-{args.model} shapes from config (random weights), {n_quantized} decoder Linears quantized; "
+        f"device {torch.cuda.get_device_name()}; torch {torch.__version__}",
+        f"settings: greedy, static KV cache, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+        f"generate's static-cache compile={not args.no_compile}; "
+        f"prefill = one forward over {args.prefill_tokens} tokens",
+        "",
+        "| weights | total weight GB | decoder-layer weight GB | prefill 2k ms | "
+        + " | ".join(f"decode tok/s b{b}" for b in args.batches)
+        + " | peak GPU GB |",
+        "|---" * (5 + len(args.batches)) + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['weights_gb']:.2f} | {r['decoder_gb']:.2f} | {r['prefill_ms']:.1f} | "
+            + " | ".join(f"{r[f'tok_s_b{b}']:.1f}" for b in args.batches)
+            + f" | {r['peak_gb']:.2f} |"
+        )
+    lines.append(
+        f"| ratio mxfp4/bf16 | {quant['weights_gb'] / base['weights_gb']:.3f} | "
+        f"{quant['decoder_gb'] / base['decoder_gb']:.3f} | {quant['prefill_ms'] / base['prefill_ms']:.2f} | "
+        + " | ".join(f"{quant[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}" for b in args.batches)
+        + f" | {quant['peak_gb'] / base['peak_gb']:.2f} |"
+    )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
