@@ -18,34 +18,11 @@ import gc
 import time
 
 import torch
+from llama_shapes import CONFIGS  # eval/llama_shapes.py
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qwantize_hf.linear import MXFP4Linear
-
-CONFIGS = {
-    "1b": dict(  # meta-llama/Llama-3.2-1B
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    "8b": dict(  # meta-llama/Meta-Llama-3-8B
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-}
-COMMON = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, hidden_act="silu")
 
 
 def quantize_decoder_linears(model: nn.Module) -> int:
@@ -123,7 +100,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
 
     torch.manual_seed(0)
-    config = LlamaConfig(**CONFIGS[args.model], **COMMON)
+    config = LlamaConfig(**CONFIGS[args.model])
     config._attn_implementation = "sdpa"
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):

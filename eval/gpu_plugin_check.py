@@ -25,34 +25,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from llama_shapes import LLAMA_3_2_1B  # eval/llama_shapes.py: Llama-3.2-1B's architecture, random weights
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import qwantize_hf
 from qwantize_hf import MXFP4Config, MXFP4Linear
 
-# Llama-3.2-1B's architecture (config.json of meta-llama/Llama-3.2-1B), random weights.
-LLAMA_3_2_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling={
-        "factor": 32.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    tie_word_embeddings=True,
-    bos_token_id=128000,
-    eos_token_id=128001,
-)
 PROMPT_LENGTH = 32
 NEW_TOKENS = 16
 GIB = 2**30
