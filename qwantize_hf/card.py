@@ -28,7 +28,10 @@ CARD_INFO_ATTRIBUTE = "qwantize_card_info"
 DEFAULT_REPO_ID = "path/to/this/model"
 
 SCALE_METHOD_DESCRIPTIONS = {
-    "mse": "per block, the power-of-two scale with the least squared error (the optimum over all 255 scales)",
+    "mse": (
+        "per block, the power-of-two scale with the least squared error (searched exactly among e0-1, e0, "
+        "e0+1, which holds the optimum over all scales whose grid stays finite)"
+    ),
     "naive": "the OCP MX v1.0 rule, floor(log2(amax)) - 2",
     "even": "the OCP rule, one step up when amax's mantissa rounds up (torchao EVEN)",
 }

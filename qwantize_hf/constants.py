@@ -32,6 +32,8 @@ F32_EXP_MASK = 0xFF  # after shifting right by F32_MANTISSA_BITS
 F32_ABS_MASK = 0x7FFFFFFF
 F32_SIGN_SHIFT = 31
 F32_EXP_NONFINITE = 0xFF  # exponent field of Inf and NaN
+F4_SIGN_TO_F32_SHIFT = F32_SIGN_SHIFT - 3  # code bit 3 (F4_E2M1_SIGN_BIT) <-> float32 bit 31
+BF16_SHIFT = 16  # bfloat16 is the top 16 bits of a float32
 
 BLOCK_SIZES = (32, 16)
 DEFAULT_BLOCK_SIZE = 32

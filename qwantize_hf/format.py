@@ -314,18 +314,6 @@ def dequantize_blocks_torch(
     return out.reshape(*codes.shape[:-1], k).to(dtype)
 
 
-def e2m1_dequant_reference_round(w: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
-    """float32 nearest-value rounding of ``w`` on the grid of the given scale bytes (for tests).
-
-    ``dequantize(quantize(w))`` must equal this; it is computed from values,
-    with no packing, as an independent statement of the element rounding.
-    """
-    x = w.to(torch.float32).reshape(-1, block_size)
-    scale = pow2_of_scale_byte(scales.reshape(-1).to(torch.int32))[:, None]
-    magnitude = e2m1_round(x.abs() / scale) * scale
-    return torch.where(torch.signbit(x), -magnitude, magnitude).reshape(w.shape)
-
-
 __all__ = [
     "SUPPORTED_DTYPES",
     "check_block_size",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, F4_CODES_PER_BYTE
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_METHOD, F4_CODES_PER_BYTE
 from qwantize_hf.format import check_block_size
 from qwantize_hf.matmul import mxfp4_linear
 from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
@@ -63,7 +63,7 @@ class MXFP4Linear(nn.Module):
         linear: nn.Linear,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        scale_method: str = "mse",
+        scale_method: str = DEFAULT_SCALE_METHOD,
         name: str = "linear",
     ) -> MXFP4Linear:
         """Quantize an existing ``nn.Linear`` (on its own device) into a new MXFP4Linear."""

@@ -4,8 +4,9 @@ The op ``qwantize_hf::mxfp4_linear(x, packed, scales, bias, block_size)`` has
 
 - a fake (meta) implementation, so ``torch.compile`` traces through it without
   graph breaks and CUDA graphs capture it as one opaque call;
-- a CUDA implementation: the fused Triton kernel (``qwantize_hf.kernels.matmul``)
-  for bf16/fp16 activations, which never writes the dequantized weight to memory;
+- a CUDA implementation: for bf16/fp16 activations of at most 16 rows (decode), the
+  fused Triton kernel (``qwantize_hf.kernels.matmul``), which never writes the
+  dequantized weight to memory; for more rows, dequantize + cuBLAS, faster there;
 - a CPU implementation (also the CUDA one for float32 activations):
   ``dequantize_mxfp4`` + ``F.linear`` in the input dtype, the kernel's torch twin.
 
@@ -23,10 +24,6 @@ from qwantize_hf.format import check_block_size
 from qwantize_hf.ops import dequantize_mxfp4
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-# Above this many rows of x, dequantize + cuBLAS beat the fused kernel on the H100
-# (eval/results/bench_matmul_h100.md: fused 1.5-4.7x faster than it at M <= 16,
-# mixed at M = 64, slower from M = 256), so larger inputs take that path.
-FUSED_MAX_ROWS = 16
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -85,11 +82,13 @@ def _mxfp4_linear_cuda(
     if x.dtype not in _KERNEL_DTYPES:
         # float32 activations would run the kernel's dot in tf32; the twin keeps them exact.
         return _reference(x, packed, scales, bias, block_size)
-    from qwantize_hf.kernels.matmul import mxfp4_matmul_triton
+    from qwantize_hf.kernels.matmul import DECODE_MAX_M, mxfp4_matmul_triton
 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] > FUSED_MAX_ROWS:
+    if x2d.shape[0] > DECODE_MAX_M:
+        # Above the decode sizes, dequantize + cuBLAS is faster than the fused prefill
+        # kernel on the H100 at M >= 256 (eval/results/bench_matmul_h100.md; M = 64 is mixed).
         return _reference(x, packed, scales, bias, block_size)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
@@ -115,7 +114,7 @@ def mxfp4_linear(
     """``x [..., K] @ W.T + bias`` for ``W`` stored as MXFP4 ``packed [N, K/2]``, ``scales [N, K/block_size]``.
 
     Output ``[..., N]`` in ``x.dtype``; accumulation in float32. On CUDA with bf16/fp16
-    activations this is the fused Triton kernel; elsewhere it is ``dequantize_mxfp4`` +
-    ``F.linear``. Works under ``torch.compile`` and CUDA graphs (a registered custom op).
+    activations of at most 16 rows this is the fused Triton kernel; elsewhere it is
+    ``dequantize_mxfp4`` + ``F.linear``. Works under ``torch.compile`` and CUDA graphs (a registered custom op).
     """
     return torch.ops.qwantize_hf.mxfp4_linear(x, packed, scales, bias, block_size)

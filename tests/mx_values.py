@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from qwantize_hf.constants import E8M0_BIAS, F4_E2M1_MAX, F4_E2M1_VALUES
+from qwantize_hf.constants import E8M0_BIAS, E8M0_MAX, E8M0_MIN, F4_E2M1_EMAX, F4_E2M1_MAX, F4_E2M1_VALUES
+from qwantize_hf.format import e2m1_round, pow2_of_scale_byte
 
 MIDPOINTS = [(lo + hi) / 2 for lo, hi in zip(F4_E2M1_VALUES, F4_E2M1_VALUES[1:])]
 
@@ -97,4 +98,16 @@ def ocp_e0_f64(amax: float) -> int:
         return 0
     import math
 
-    return max(0, min(254, math.floor(math.log2(amax)) - 2 + E8M0_BIAS))
+    return max(E8M0_MIN, min(E8M0_MAX, math.floor(math.log2(amax)) - F4_E2M1_EMAX + E8M0_BIAS))
+
+
+def nearest_value_rounding(w: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float32 nearest-value rounding of ``w`` on the grid of the given scale bytes (for tests).
+
+    ``dequantize(quantize(w))`` must equal this; it is computed from values,
+    with no packing, as an independent statement of the element rounding.
+    """
+    x = w.to(torch.float32).reshape(-1, block_size)
+    scale = pow2_of_scale_byte(scales.reshape(-1).to(torch.int32))[:, None]
+    magnitude = e2m1_round(x.abs() / scale) * scale
+    return torch.where(torch.signbit(x), -magnitude, magnitude).reshape(w.shape)

@@ -14,13 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
-
-from qwantize_hf import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
-from qwantize_hf.constants import E8M0_NAN  # noqa: E402
-from qwantize_hf.kernels.matmul import _config, mxfp4_matmul_triton  # noqa: E402
-from qwantize_hf.matmul import mxfp4_linear  # noqa: E402
-from tests.conftest import KERNEL_DEVICE  # noqa: E402
+from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf.constants import E8M0_NAN
+from qwantize_hf.kernels.matmul import _config, mxfp4_matmul_triton
+from qwantize_hf.matmul import mxfp4_linear
+from tests.conftest import KERNEL_DEVICE
 
 HAS_CUDA = torch.cuda.is_available()
 MAX_REL_ERR = 1e-2
@@ -62,7 +60,9 @@ def reference(x, packed, scales, bias, block_size):
 
 
 def rel_err(out, ref):
-    return float((out.cpu().float() - ref).norm() / ref.norm())
+    """Worst relative Frobenius error over output features: the weight rows differ in scale by
+    2**15, so one norm over the whole output would hide a wrong small-scale column."""
+    return float(((out.cpu().float() - ref).norm(dim=0) / ref.norm(dim=0)).max())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-{str(c[3])[6:]}-bs{c[5]}")
@@ -77,8 +77,8 @@ def test_kernel_config_matches_reference(name, case):
     assert rel_err(out, reference(x, packed, scales, bias, block_size)) < MAX_REL_ERR
 
 
-def test_split_k_counters_reset_between_calls():
-    """Split-K arrival counters must be back at zero after each call, or the next call sums garbage."""
+def test_repeated_split_k_calls():
+    """Each split-K call sums its own partials: nothing left by one call leaks into the next."""
     cfg = CPU_CONFIGS["decode-permuted-splitk"]
     for seed in range(3):
         x, packed, scales, bias = make_inputs(2, 33, 416, torch.bfloat16, True, 32, seed, KERNEL_DEVICE)

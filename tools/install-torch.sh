@@ -15,7 +15,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   $pip install 'torch>=2.4'
   exit 0
 fi
-for dir in ${PIP_FIND_LINKS:-} $(pip config get global.find-links 2>/dev/null || true); do
+for dir in ${PIP_FIND_LINKS:-} $($pip config get global.find-links 2>/dev/null || true); do
   wheel=$(ls "$dir"/torch-*+cpu-*.whl 2>/dev/null | sort -V | tail -n 1 || true)
   if [ -n "$wheel" ]; then
     version=$(basename "$wheel" | cut -d- -f2 | cut -d+ -f1)

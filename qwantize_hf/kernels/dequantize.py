@@ -18,8 +18,8 @@ _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
 _NIBBLE_MASK: tl.constexpr = tl.constexpr(C.F4_NIBBLE_MASK)
 _MAG_MASK: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK)
 _CODE_SIGN: tl.constexpr = tl.constexpr(C.F4_E2M1_SIGN_BIT)
-_SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # code bit 3 → float sign bit
-_BF16_SHIFT: tl.constexpr = tl.constexpr(16)  # bf16 keeps float32's top 16 bits
+_SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F4_SIGN_TO_F32_SHIFT)  # code bit 3 → float sign bit
+_BF16_SHIFT: tl.constexpr = tl.constexpr(C.BF16_SHIFT)
 _E8M0_NAN: tl.constexpr = tl.constexpr(C.E8M0_NAN)
 # 2**-127 (byte 0) is a float32 subnormal; its bit pattern.
 _SMALLEST_SCALE_BITS: tl.constexpr = tl.constexpr(1 << (C.F32_MANTISSA_BITS - 1))

@@ -24,8 +24,6 @@ The multiplies must keep subnormals (they do: Triton does not flush them).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -35,11 +33,10 @@ from qwantize_hf.kernels.dequantize import e8m0_value
 from qwantize_hf.ops import _interpreting
 
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
-_CODE_SIGN_BIT: tl.constexpr = tl.constexpr(3)  # bit index of F4_E2M1_SIGN_BIT
 # float32 bit positions of an E2M1 code's magnitude bits (22-24) and sign (31).
 _F32_MAG_SHIFT: tl.constexpr = tl.constexpr(C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)
 _F32_MAG_BITS: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK << (C.F32_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS))
-_F32_SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # code bit 3 -> float32 bit 31
+_F32_SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F4_SIGN_TO_F32_SHIFT)  # code bit 3 -> float32 bit 31
 _F32_SIGN_BITS: tl.constexpr = tl.constexpr(-(1 << C.F32_SIGN_SHIFT))  # 0x80000000 as int32
 # The placed bits read as value * 2**-126 (float32 and bfloat16 share the exponent bias):
 # one exact multiply by 2**126 undoes that.
@@ -56,7 +53,6 @@ _HIGH_HALF: tl.constexpr = tl.constexpr(-(1 << 16))  # 0xFFFF0000 as int32
 
 DECODE_MAX_M = 16  # rows of x up to which the decode configs are used
 _DECODE_BLOCK_M = 16  # smallest tl.dot extent; x rows are padded to it
-_COUNTER_SLOTS = 1 << 16  # split-K arrival counters, enough for N <= 4M at BLOCK_N >= 64
 
 
 @triton.jit
@@ -348,9 +344,13 @@ def _mxfp4_matmul_kernel(
 
     if SPLIT_K > 1:
         # Publish this split's partial; the last of the SPLIT_K programs of this output
-        # tile to arrive (acq_rel counter) sums them all and resets the counter for the next call.
+        # tile to arrive (acq_rel counter) sums them all and resets the counter (the autotuner
+    # reruns a launch with the same counters).
         mn = M * N
         tl.store(partial_ptr + pid_k * mn + tile_off, acc, mask=tile_mask)
+        # Every thread's partial store must precede the release below, not only the
+        # storing thread's: the barrier orders them within the program.
+        tl.debug_barrier()
         counter = counter_ptr + pid_m * tiles_n + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
@@ -402,13 +402,6 @@ _decode_kernel = triton.autotune(configs=list(DECODE_CONFIGS), key=_AUTOTUNE_KEY
 _prefill_kernel = triton.autotune(configs=list(PREFILL_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
 
 
-@functools.cache
-def _split_k_counters(device: torch.device) -> torch.Tensor:
-    # Zeroed once; every split-K output tile leaves its counter at zero again, so this
-    # buffer serves every call, CUDA-graph replays included.
-    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-
-
 def _m_bucket(m: int) -> int:
     """Autotune key for M: one tuning per power of two, so new prompt lengths don't re-tune."""
     return 1 << max(m - 1, 0).bit_length()
@@ -436,20 +429,17 @@ def mxfp4_matmul_triton(
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     if packed.data_ptr() % 16:
-        packed = packed.clone()  # word loads need a 16-byte aligned start; a fresh allocation is
+        packed = packed.clone()  # word loads need a 16-byte aligned start; a fresh allocation has one
     if config is not None:
         configs = (config,)
     else:
         configs = DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS
     max_split = max(cfg.kwargs["SPLIT_K"] for cfg in configs)
-    smallest_tiles = min(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
-    if max_split > 1 and smallest_tiles > _COUNTER_SLOTS:
-        raise ValueError(
-            f"mxfp4_linear: an output of {m}x{n} has more split-K tiles ({smallest_tiles}) than the "
-            f"{_COUNTER_SLOTS} arrival counters; split the layer's output features"
-        )
+    most_tiles = max(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
     partial = torch.empty(max_split * m * n if max_split > 1 else 1, dtype=torch.float32, device=x.device)
-    counters = _split_k_counters(x.device)
+    # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
+    # between calls would be shared by calls on concurrent streams too.
+    counters = torch.zeros(most_tiles if max_split > 1 else 1, dtype=torch.int32, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])

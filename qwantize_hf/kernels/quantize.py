@@ -30,10 +30,10 @@ _E8M0_BIAS: tl.constexpr = tl.constexpr(C.E8M0_BIAS)
 _E8M0_MAX_QUANTIZE: tl.constexpr = tl.constexpr(C.E8M0_MAX_QUANTIZE)
 _EVEN_ADD: tl.constexpr = tl.constexpr(EVEN_ROUNDING_ADD)
 _ZERO_BELOW: tl.constexpr = tl.constexpr(ROUNDS_TO_ZERO_BELOW)
-_SIGN_TO_CODE_SHIFT: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT - 3)  # float sign bit → code bit 3
+_SIGN_TO_CODE_SHIFT: tl.constexpr = tl.constexpr(C.F4_SIGN_TO_F32_SHIFT)  # float sign bit → code bit 3
 _CODE_SIGN: tl.constexpr = tl.constexpr(C.F4_E2M1_SIGN_BIT)
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
-_BF16_SHIFT: tl.constexpr = tl.constexpr(16)  # bf16 keeps float32's top 16 bits
+_BF16_SHIFT: tl.constexpr = tl.constexpr(C.BF16_SHIFT)
 _GROUP: tl.constexpr = tl.constexpr(8)  # elements of a block one thread loads at a time
 # E2M1 rounding by float addition: adding 2**(E + 22) (E = max(exponent of q, 0))
 # leaves one mantissa bit of q, rounded to nearest-even by the FPU; min-exponent 0
