@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # The plugin tests also run against the oldest supported transformers, in a venv of its own.
 TF_OLDEST ?= 5.17.0
 VENV_TF_OLDEST ?= .venv-tf517
-PLUGIN_TESTS := tests/test_config.py tests/test_plugin.py tests/test_registration.py tests/test_push_to_hub.py
+PLUGIN_TESTS := tests/test_config.py tests/test_plugin.py tests/test_registration.py tests/test_push_to_hub.py \
+	tests/test_calibrated_plugin.py
 
 .PHONY: test test-tf-oldest lint venv clean
 

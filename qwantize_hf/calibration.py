@@ -5,7 +5,8 @@ inputs, an element's squared error costs in proportion to the mean square of
 its input feature. ``collect_activation_stats`` measures that mean square for
 every Linear that MXFP4Config would quantize, with forward pre-hooks, over a
 calibration text; ``quantize_mxfp4(w, weights=stats[name])`` then picks each
-block's scale by the weighted error.
+block's scale by the weighted error. ``calibrate`` is what the quantizer runs
+for ``MXFP4Config(calibration=...)``: text → tokens → sequences → statistics.
 
 This file must never change a model's weights or outputs: the hooks only read
 their inputs and are removed before it returns, even on error.
@@ -13,13 +14,18 @@ their inputs and are removed before it returns, even on error.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from qwantize_hf.replace import module_matches, resolve_modules_to_not_convert
+from qwantize_hf.config import CALIBRATED, dataset_name, tokenizer_name
+from qwantize_hf.replace import linears_to_convert, resolve_modules_to_not_convert
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +41,101 @@ def eligible_linear_names(
     """
     requested = None if modules_to_not_convert is None else list(modules_to_not_convert)
     skip = resolve_modules_to_not_convert(model, requested)
-    return [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not module_matches(name, skip) and module.in_features % block_size == 0
-    ]
+    return linears_to_convert(model, block_size=block_size, modules_to_not_convert=skip)[0]
+
+
+# --------------------------------------------------------------------------- text → tokens
+
+# Texts given as a list are joined into one token stream with a paragraph break between them.
+TEXT_SEPARATOR = "\n\n"
+# A `datasets` dataset is read only until its rows hold this many characters per budgeted token
+# (natural text runs about 4 per token), so a huge corpus is not tokenized whole.
+DATASET_CHARS_PER_TOKEN = 16
+
+
+def _dataset_text(name: str, max_chars: int) -> str:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            f"calibration['dataset'] = {name!r} is not a local file, so it is read with the `datasets` "
+            "package, which is not installed: pip install datasets (or pass the texts as a list of strings)"
+        ) from error
+    try:
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as error:  # datasets raises many types; the hint is the same for all
+        raise ValueError(
+            f"calibration['dataset'] = {name!r}: datasets.load_dataset({name!r}, split='train') failed ({error}); "
+            "for a dataset with a config name or another split, load it yourself and pass its texts as a list"
+        ) from error
+    if "text" not in rows.column_names:
+        raise ValueError(
+            f"calibration['dataset'] = {name!r} has no 'text' column (columns {rows.column_names}); "
+            "pass the texts as a list of strings"
+        )
+    texts, chars = [], 0
+    for text in rows["text"]:
+        texts.append(text)
+        chars += len(text) + len(TEXT_SEPARATOR)
+        if chars >= max_chars:
+            break
+    return TEXT_SEPARATOR.join(texts)
+
+
+def calibration_text(dataset: str | list[str] | tuple[str, ...], max_tokens: int) -> str:
+    """The text of ``dataset``: a list of texts (joined), a local text file, or a ``datasets`` name."""
+    if isinstance(dataset, (list, tuple)):
+        text = TEXT_SEPARATOR.join(dataset)
+    elif os.path.isfile(dataset):
+        text = Path(dataset).read_text(encoding="utf-8")
+    else:
+        text = _dataset_text(dataset, max_tokens * DATASET_CHARS_PER_TOKEN)
+    if not text.strip():
+        raise ValueError(f"the calibration dataset ({dataset_name(dataset)}) holds no text; give a non-empty text")
+    return text
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as it is; a name or path through AutoTokenizer."""
+    if not isinstance(tokenizer, str):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer)
+
+
+def token_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids ``[n]`` of ``text``, the tokenizer's own special tokens included."""
+    # Calibration cuts the ids into sequences itself; the model's length limit does not apply here.
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibrate(
+    model: nn.Module, calibration: dict[str, Any], module_names: Iterable[str], *, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run a calibration request through ``model``: (statistics by module name, the record for config.json).
+
+    The record names the dataset and tokenizer, the tokens actually used and the
+    SHA-256 of the text, never the text itself.
+    """
+    seq_len, budget = calibration["calibration_seq_len"], calibration["calibration_tokens"]
+    text = calibration_text(calibration["dataset"], budget)
+    ids = token_ids(load_tokenizer(calibration["tokenizer"]), text)
+    sequences = calibration_sequences(ids, seq_len, budget)
+    stats = collect_activation_stats(model, sequences, module_names, progress=progress)
+    record = {
+        "dataset": dataset_name(calibration["dataset"]),
+        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "tokenizer": tokenizer_name(calibration["tokenizer"]),
+        "calibration_tokens": len(sequences) * seq_len,
+        "calibration_seq_len": seq_len,
+        CALIBRATED: True,
+    }
+    return stats, record
+
+
+# --------------------------------------------------------------------------- statistics
 
 
 def calibration_sequences(input_ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> list[torch.Tensor]:
@@ -83,12 +179,13 @@ def collect_activation_stats(
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach()
             square = x.reshape(-1, x.shape[-1]).to(torch.float64).square().sum(dim=0)
-            sums[name] = square if name not in sums else sums[name] + square
+            # A pre-hook runs before accelerate's own hook moves the input, so calls may differ in device.
+            sums[name] = square if name not in sums else sums[name] + square.to(sums[name].device)
             counts[name] += x.numel() // x.shape[-1]
 
         return record
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in names]
     try:
         sequences = list(sequences)
@@ -107,4 +204,26 @@ def collect_activation_stats(
     return {name: (sums[name] / counts[name]).to(torch.float32).cpu() for name in names}
 
 
-__all__ = ["calibration_sequences", "collect_activation_stats", "eligible_linear_names"]
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the input embedding's device, or the CPU when accelerate offloads it.
+
+    An offloaded embedding's weight is on the meta device; the accelerate hook on it
+    (or on a module around it) moves its inputs to the execution device.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        weight = next(model.parameters())
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+__all__ = [
+    "calibrate",
+    "calibration_sequences",
+    "calibration_text",
+    "collect_activation_stats",
+    "eligible_linear_names",
+    "input_device",
+    "load_tokenizer",
+    "token_ids",
+]

@@ -8,7 +8,10 @@ and read back from it, so a checkpoint says how it was made.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -23,6 +26,15 @@ QUANT_METHOD = "qwantize_mxfp4"  # the built-in "mxfp4" belongs to GPT-OSS
 # `<module>.bias` unchanged. Bump it whenever that layout changes meaning.
 FORMAT_VERSION = 1
 
+# `calibration` keys, named as transformers' GPTQConfig names its own: `dataset` (a list
+# of texts, a local text file, or a `datasets` name) and `tokenizer` (an object, or a
+# name/path for AutoTokenizer) make a request; the token budget and sequence length
+# have defaults. After the run the quantizer replaces the request by a record of what
+# was used, marked `calibrated: true`; that record is what config.json holds.
+CALIBRATION_DEFAULTS = {"calibration_tokens": 32768, "calibration_seq_len": 1024}
+CALIBRATION_KEYS = ("dataset", "tokenizer", *CALIBRATION_DEFAULTS)
+CALIBRATED = "calibrated"
+
 
 class MXFP4Config(QuantizationConfigMixin):
     """Quantize every eligible ``nn.Linear`` to MXFP4 (4-bit E2M1 codes, one UE8M0 scale per block).
@@ -35,7 +47,13 @@ class MXFP4Config(QuantizationConfigMixin):
         dequantize: at load time, turn a quantized checkpoint back into a plain model of
             ``nn.Linear`` layers holding ``dequantize(quantize(W))``.
         base_model: the Hub id the weights were quantized from (filled in on load when known).
-        calibration: reserved for activation-weighted scale search; ``None`` for now.
+        calibration: activation-aware scales (``scale_method="mse"`` only): a dict with
+            ``dataset`` (a list of texts, a local text file, or a ``datasets`` name),
+            ``tokenizer`` (a tokenizer or its name/path), ``calibration_tokens`` (budget,
+            default 32768) and ``calibration_seq_len`` (default 1024). The model loads
+            unquantized, the text runs through it, and every block's scale is searched with
+            each element's squared error weighted by its input feature's mean square
+            activation. config.json records what was used, never the text or tokenizer.
         format_version: the checkpoint layout version; a checkpoint from a newer layout is refused.
     """
 
@@ -72,7 +90,8 @@ class MXFP4Config(QuantizationConfigMixin):
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.dequantize = dequantize
         self.base_model = base_model
-        self.calibration = calibration
+        # Our own dict: defaults are filled in and the quantizer swaps a request for a record.
+        self.calibration = dict(calibration) if isinstance(calibration, dict) else calibration
         self.post_init()
 
     def post_init(self) -> None:
@@ -103,6 +122,64 @@ class MXFP4Config(QuantizationConfigMixin):
             raise TypeError(f"base_model must be a Hub id string or None, got {self.base_model!r}")
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise TypeError(f"calibration must be a dict or None, got {type(self.calibration).__name__}")
+        if self.calibration is not None:
+            self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        calibration = self.calibration
+        # A record (read back from config.json) may carry more than a request's keys.
+        unknown = sorted(set(calibration) - {*CALIBRATION_KEYS, CALIBRATED})
+        if unknown and not calibration.get(CALIBRATED):
+            raise ValueError(f"calibration has unknown key(s) {unknown}; the keys are {list(CALIBRATION_KEYS)}")
+        if self.scale_method != "mse":
+            raise ValueError(
+                f"calibration weights the least-squares scale search, which scale_method={self.scale_method!r} "
+                "does not do; use MXFP4Config(scale_method='mse', calibration=...) or drop calibration"
+            )
+        for key, default in CALIBRATION_DEFAULTS.items():
+            value = calibration.setdefault(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"calibration[{key!r}] must be a positive int, got {value!r}")
+        tokens, seq_len = calibration["calibration_tokens"], calibration["calibration_seq_len"]
+        if tokens < seq_len:
+            raise ValueError(
+                f"calibration_tokens {tokens} is fewer than one sequence of calibration_seq_len {seq_len}; "
+                "raise calibration_tokens or lower calibration_seq_len"
+            )
+        if calibration.get(CALIBRATED):
+            return  # a record read back from config.json: it describes, it is not run again
+        dataset = calibration.get("dataset")
+        if dataset is None:
+            raise ValueError(
+                "calibration needs a 'dataset': a list of texts, the path of a local text file, or a "
+                "`datasets` name, e.g. calibration={'dataset': texts, 'tokenizer': tokenizer}"
+            )
+        if isinstance(dataset, (list, tuple)):
+            if not all(isinstance(text, str) for text in dataset):
+                raise TypeError("calibration['dataset'] given as a list must hold only strings (the texts)")
+            if not "".join(dataset).strip():
+                raise ValueError("calibration['dataset'] is empty: the texts hold no characters but whitespace")
+        elif not isinstance(dataset, str):
+            raise TypeError(
+                "calibration['dataset'] must be a list of texts, a text file path or a `datasets` name, "
+                f"got {type(dataset).__name__}"
+            )
+        elif not dataset.strip():
+            raise ValueError("calibration['dataset'] is an empty string; give texts, a text file or a `datasets` name")
+        tokenizer = calibration.get("tokenizer")
+        if tokenizer is None or (isinstance(tokenizer, str) and not tokenizer.strip()):
+            raise ValueError(
+                "calibration needs a 'tokenizer' to turn the dataset into tokens: pass the model's tokenizer "
+                "(AutoTokenizer.from_pretrained(model_id)) or its name/path, e.g. "
+                "calibration={'dataset': texts, 'tokenizer': model_id}"
+            )
+        if not isinstance(tokenizer, str) and not callable(tokenizer):
+            raise TypeError(f"calibration['tokenizer'] must be a tokenizer or its name/path, got {tokenizer!r}")
+
+    @property
+    def calibrates(self) -> bool:
+        """True when this config asks for a calibration run (not a record of one that ran)."""
+        return self.calibration is not None and not self.calibration.get(CALIBRATED)
 
     @property
     def bits_per_weight(self) -> float:
@@ -114,7 +191,57 @@ class MXFP4Config(QuantizationConfigMixin):
         return {"dequantize": self.dequantize}
 
     def to_dict(self) -> dict[str, Any]:
-        config = super().to_dict()
-        # `dequantize` is a request for this load, not a property of the stored bytes.
-        config.pop("dequantize", None)
+        # Not super().to_dict(): that deep-copies every field, the tokenizer and texts too.
+        config = {}
+        for key, value in self.__dict__.items():
+            if key == "dequantize":
+                continue  # a request for this load, not a property of the stored bytes
+            if key == "calibration" and value is not None:
+                value = calibration_summary(value)
+            config[key] = copy.deepcopy(value)
         return config
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MXFP4Config:
+        # The request's tokenizer and texts are inputs that are only read: share them.
+        for key in ("dataset", "tokenizer"):
+            value = (self.calibration or {}).get(key)
+            if value is not None and not isinstance(value, str):
+                memo[id(value)] = value
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+def _short_name(name: str) -> str:
+    """A Hub id as it is; a local path by its last component (config.json must not leak local folders)."""
+    name = str(name)
+    return Path(name).name if os.path.isabs(name) or os.path.exists(name) or name.startswith(".") else name
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """What config.json says about a tokenizer: its Hub id (or folder name), else its class."""
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+    return _short_name(name) if name else type(tokenizer).__name__
+
+
+def dataset_name(dataset: str | list[str] | tuple[str, ...]) -> str:
+    """A description of a calibration dataset that holds none of its text."""
+    if isinstance(dataset, (list, tuple)):
+        return f"{len(dataset)} text(s) given in memory"
+    return f"local text file {Path(dataset).name}" if os.path.isfile(dataset) else dataset
+
+
+def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of ``calibration``: a record as it is; a request described, without text or tokenizer."""
+    if calibration.get(CALIBRATED):
+        return dict(calibration)
+    summary = {key: calibration.get(key) for key in CALIBRATION_KEYS}
+    if summary["dataset"] is not None:
+        summary["dataset"] = dataset_name(summary["dataset"])
+    if summary["tokenizer"] is not None:
+        summary["tokenizer"] = tokenizer_name(summary["tokenizer"])
+    return summary

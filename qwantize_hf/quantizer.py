@@ -3,8 +3,19 @@
 Policy only, in the order transformers calls it: check the request, decide
 which Linears become MXFP4Linear, which tensors are quantized as they load,
 how big a quantized weight is, what happens after loading. The work itself
-(module swaps, the load-time quantize op, dequantizing) is in ``replace.py``;
-this file must never touch tensor values.
+(module swaps, the load-time quantize op, dequantizing) is in ``replace.py``,
+the calibration run in ``calibration.py``; this file must never touch tensor values.
+
+Two ways to quantize a float checkpoint:
+
+* plain (``calibration=None``): each weight is quantized as it loads, so the
+  bf16 model is never held whole;
+* calibrated: the Linears stay ``nn.Linear`` while the weights load; once the
+  model is loaded (and dispatched by accelerate, if device_map splits it) the
+  calibration text runs through it and every eligible Linear is quantized with
+  its input features' mean square activations as weights, then swapped. The
+  bf16 model is held while calibrating. A saved calibrated model is an ordinary
+  MXFP4 checkpoint whose config records the calibration; it is never rerun.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from transformers.quantizers import auto as transformers_auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from qwantize_hf import card, replace
+from qwantize_hf import calibration, card, replace
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 
@@ -39,6 +50,11 @@ class MXFP4HfQuantizer(HfQuantizer):
 
     # 1. the request ------------------------------------------------------------------
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether this load runs calibration: a float checkpoint with a calibration request."""
+        return not self.pre_quantized and self.quantization_config.calibrates
+
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
         config = self.quantization_config
         if config.dequantize and not self.pre_quantized:
@@ -46,8 +62,16 @@ class MXFP4HfQuantizer(HfQuantizer):
                 "MXFP4Config(dequantize=True) turns an MXFP4 checkpoint back into plain Linears, but this "
                 "checkpoint is not quantized; load it without quantization_config to keep it unquantized"
             )
+        if config.calibration is not None and not self.pre_quantized and not config.calibrates:
+            raise ValueError(
+                "MXFP4Config(calibration=...) holds the record of a calibration that already ran (it says "
+                "'calibrated': True), not a request; to calibrate this checkpoint pass "
+                "calibration={'dataset': ..., 'tokenizer': ...}"
+            )
         devices = set(device_map.values()) if isinstance(device_map, dict) else set()
-        if "disk" in devices and not self.pre_quantized:
+        # A calibrated load reads float weights, so disk-offloaded ones are the checkpoint's own;
+        # their quantized bytes are kept in memory afterwards (replace.quantize_linears_with_weights).
+        if "disk" in devices and not self.pre_quantized and not self.calibrates:
             # transformers re-reads a disk-offloaded weight from the original
             # checkpoint, so the quantized bytes would be replaced by bf16 ones.
             raise ValueError(
@@ -69,12 +93,18 @@ class MXFP4HfQuantizer(HfQuantizer):
         config.modules_to_not_convert = replace.resolve_modules_to_not_convert(model, config.modules_to_not_convert)
         if config.base_model is None and not self.pre_quantized:
             config.base_model = replace.hub_id_or_none(getattr(model.config, "name_or_path", None))
-        not_divisible = replace.replace_linear_with_mxfp4(
-            model,
-            block_size=config.block_size,
-            modules_to_not_convert=config.modules_to_not_convert,
-            quantize_on_load=not self.pre_quantized,
-        )
+        if self.calibrates:
+            # The Linears stay nn.Linear and load their float weights; they are swapped after calibration.
+            _, not_divisible = replace.linears_to_convert(
+                model, block_size=config.block_size, modules_to_not_convert=config.modules_to_not_convert
+            )
+        else:
+            not_divisible = replace.replace_linear_with_mxfp4(
+                model,
+                block_size=config.block_size,
+                modules_to_not_convert=config.modules_to_not_convert,
+                quantize_on_load=not self.pre_quantized,
+            )
         if not_divisible:
             logger.warning(
                 "%d Linear layer(s) have in_features that are not a multiple of block_size %d and stay "
@@ -90,7 +120,7 @@ class MXFP4HfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
         """Only the float weight of an MXFP4Linear that waits for one; stored bytes load as they are."""
-        if self.pre_quantized:
+        if self.pre_quantized or self.calibrates:
             return False
         module_name, _, tensor_name = param_name.rpartition(".")
         return tensor_name == "weight" and replace.awaits_quantization(model.get_submodule(module_name))
@@ -107,12 +137,28 @@ class MXFP4HfQuantizer(HfQuantizer):
     # 4. after loading ----------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        # transformers calls this after model.eval() and after accelerate has dispatched a split
+        # device_map (5.17 and 5.24 alike), so the calibration forward runs as the user's would.
+        if self.calibrates:
+            self._calibrate_and_quantize(model)
         replace.check_all_quantized(model)
         if self.pre_quantized and self.quantization_config.dequantize:
             count = replace.dequantize_linears(model)
             logger.info("dequantized %d MXFP4Linear layers to nn.Linear", count)
             return
         card.upload_card_with_push_to_hub(model)
+
+    def _calibrate_and_quantize(self, model: torch.nn.Module) -> None:
+        from transformers.utils.logging import is_progress_bar_enabled
+
+        config = self.quantization_config
+        names = calibration.eligible_linear_names(model, config.block_size, config.modules_to_not_convert)
+        stats, record = calibration.calibrate(model, config.calibration, names, progress=is_progress_bar_enabled())
+        replace.quantize_linears_with_weights(model, stats, block_size=config.block_size)
+        # From here on the config describes the calibration; it no longer holds the tokenizer or texts.
+        config.calibration = record
+        tokens, dataset = record["calibration_tokens"], record["dataset"]
+        logger.info("calibrated %d Linear layers on %d tokens of %s", len(names), tokens, dataset)
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         replace.dequantize_linears(model, dtype)

@@ -1,4 +1,5 @@
-"""The mechanism behind quantizer.py: which Linears to swap, the swap, quantize-on-load, dequantize.
+"""The mechanism behind quantizer.py: which Linears to swap, the swap, quantize-on-load, dequantize,
+and the calibrated path's quantize-after-loading.
 
 quantizer.py decides *when* each of these runs; this file does the work on
 modules and tensors. Loading goes through transformers' weight-loading loop:
@@ -101,6 +102,36 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def linears_to_convert(
+    model: nn.Module, *, block_size: int, modules_to_not_convert: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """(Linears that become MXFP4Linear, Linears left alone because ``in_features % block_size``).
+
+    Only modules whose type is exactly ``nn.Linear`` are eligible: a subclass may
+    carry a forward of its own that an MXFP4Linear would silently drop. Modules in
+    ``modules_to_not_convert`` are in neither list.
+    """
+    skip = list(modules_to_not_convert)
+    convert, not_divisible = [], []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or module_matches(name, skip):
+            continue
+        (not_divisible if module.in_features % block_size else convert).append(name)
+    return convert, not_divisible
+
+
+def _mxfp4_shell(linear: nn.Linear, block_size: int, device: torch.device | str) -> MXFP4Linear:
+    """An MXFP4Linear of ``linear``'s shape and bias dtype on ``device``, its tensors not yet filled."""
+    return MXFP4Linear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        block_size=block_size,
+        bias_dtype=linear.weight.dtype,
+        device=device,
+    )
+
+
 def replace_linear_with_mxfp4(
     model: nn.Module,
     *,
@@ -110,35 +141,95 @@ def replace_linear_with_mxfp4(
 ) -> list[str]:
     """Swap every eligible ``nn.Linear`` of a (meta) model for an MXFP4Linear, in place.
 
-    Only modules whose type is exactly ``nn.Linear`` are eligible: a subclass may
-    carry a forward of its own that an MXFP4Linear would silently drop.
-
     Returns the Linears left alone because ``in_features`` is not a multiple of
     ``block_size`` (modules in ``modules_to_not_convert`` are not listed).
     """
-    skip = list(modules_to_not_convert)
-    not_divisible = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module_matches(name, skip):
-            continue
-        if module.in_features % block_size:
-            not_divisible.append(name)
-            continue
-        weight = module.weight
-        replacement = MXFP4Linear(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            block_size=block_size,
-            bias_dtype=weight.dtype,
-            device=weight.device,
-        )
+    convert, not_divisible = linears_to_convert(
+        model, block_size=block_size, modules_to_not_convert=modules_to_not_convert
+    )
+    for name in convert:
+        module = model.get_submodule(name)
+        replacement = _mxfp4_shell(module, block_size, module.weight.device)
         if quantize_on_load:
-            use_float_placeholder(replacement, weight.dtype)
+            use_float_placeholder(replacement, module.weight.dtype)
         else:
             use_packed_placeholder(replacement)
         _set_submodule(model, name, replacement)
     return not_divisible
+
+
+# --------------------------------------------------------------------------- after loading: calibrated
+
+
+def _offload_hook(module: nn.Module) -> Any:
+    """The accelerate hook that keeps ``module``'s own tensors off the device (in its weights_map), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(candidate, "offload", False) and getattr(candidate, "weights_map", None) is not None:
+            return candidate
+    return None
+
+
+def _store_offloaded(weights_map: Any, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` under ``key`` in an accelerate weights_map, in CPU memory.
+
+    A weights_map is a PrefixedDataset over an OffloadedWeightsLoader (whose
+    in-memory ``state_dict`` takes priority over what it reads from disk), or a
+    plain dict. A disk-offloaded weight thus comes back as packed bytes in memory,
+    a quarter of the bf16 tensor it replaces.
+    """
+    if hasattr(weights_map, "prefix") and hasattr(weights_map, "dataset"):
+        _store_offloaded(weights_map.dataset, weights_map.prefix + key, tensor)
+    elif hasattr(weights_map, "all_keys") and isinstance(getattr(weights_map, "state_dict", None), dict):
+        weights_map.state_dict[key] = tensor
+        if key not in weights_map.all_keys:
+            weights_map.all_keys.append(key)
+    elif isinstance(weights_map, dict):
+        weights_map[key] = tensor
+    else:
+        raise TypeError(f"cannot store {key} in an accelerate weights_map of type {type(weights_map).__name__}")
+
+
+def quantize_linears_with_weights(
+    model: nn.Module, weights_by_name: dict[str, torch.Tensor], *, block_size: int
+) -> None:
+    """Quantize each named ``nn.Linear`` with ``weights=weights_by_name[name]`` (mse) and swap in an MXFP4Linear.
+
+    Each weight is quantized where it executes (an offloaded one on its accelerate
+    hook's execution device) and its bf16 tensor is dropped as soon as its bytes
+    exist, so the peak is the unquantized model plus one layer's bytes. An
+    accelerate hook on the Linear moves to its replacement; an offloaded layer's
+    bytes go back into the hook's weights_map.
+    """
+    for name, per_feature in weights_by_name.items():
+        linear = model.get_submodule(name)
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"{name} is a {type(linear).__name__}, not the nn.Linear that calibration expects")
+        hook = getattr(linear, "_hf_hook", None)
+        offload = _offload_hook(linear)
+        if offload is not None:
+            weight = offload.weights_map["weight"].to(offload.execution_device)
+        else:
+            weight = linear.weight.detach()
+        packed, scales = quantize_mxfp4(
+            weight, block_size=block_size, scale_method="mse", weights=per_feature, name=name
+        )
+        replacement = _mxfp4_shell(linear, block_size, "meta")
+        if offload is not None:
+            # The tensors stay meta placeholders; the hook fills them from its weights_map at forward time.
+            _store_offloaded(offload.weights_map, "weight", packed.cpu())
+            _store_offloaded(offload.weights_map, "weight_scale", scales.cpu())
+        else:
+            replacement.weight = nn.Parameter(packed, requires_grad=False)
+            replacement.weight_scale = nn.Parameter(scales, requires_grad=False)
+            if linear.bias is not None:
+                replacement.bias = linear.bias
+        del weight
+        if hook is not None:
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(replacement, hook)
+        _set_submodule(model, name, replacement)
 
 
 def check_all_quantized(model: nn.Module) -> None:
