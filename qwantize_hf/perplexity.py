@@ -2,9 +2,10 @@
 
 Every quantized model is made the way a user makes one,
 ``from_pretrained(..., quantization_config=MXFP4Config(scale_method=...))``.
-The ``mse-act`` column is that ``mse`` model with each block's scale searched
-again with per-input-feature weights (the mean square activation of the
-feature, measured on a calibration text disjoint from the eval text).
+The ``mse-act`` column is
+``MXFP4Config(scale_method="mse", calibration={"dataset": [text], ...})``: the
+quantizer weights each element's squared error by its input feature's mean
+square activation, measured on a calibration text disjoint from the eval text.
 
 One run writes, under ``--output-dir``: ``NAME.md`` (table), ``NAME.json``
 (the schema ``qwantize_hf.card.render_model_card`` reads), ``NAME.png``
@@ -256,17 +257,19 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from qwantize_hf import MXFP4Config  # importing qwantize_hf registers the quantizer with transformers
-    from qwantize_hf.calibration import calibration_sequences, collect_activation_stats, eligible_linear_names
+    from qwantize_hf.calibration import eligible_linear_names
 
     unknown = [m for m in settings.methods if m not in QUANTIZED_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {QUANTIZED_METHODS} (bf16 always runs)")
-    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto_device if settings.device == "auto" else settings.device)
+    # Launched as several processes (accelerate launch / torchrun), each scores a share of the windows.
+    parallel = evaluation.data_parallel()
+    device = evaluation.process_device(settings.device, parallel)
     dtype = resolve_dtype(settings.dtype, device)
-    model_path, base_model, model_note = evaluation.resolve_model(settings.model, settings.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    text, text_note = evaluation.load_text(settings.text, settings.cache_dir)
+    with evaluation.main_process_first(parallel):  # one process fills the cache (model conversion, text), then all read
+        model_path, base_model, model_note = evaluation.resolve_model(settings.model, settings.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        text, text_note = evaluation.load_text(settings.text, settings.cache_dir)
     input_ids = evaluation.tokenize(tokenizer, text, settings.tokens + 1)
     if input_ids.numel() < settings.tokens + 1:
         logger.warning("the text has only %d tokens; scoring %d instead of %d",
@@ -278,33 +281,40 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
     start = time.perf_counter()
     baseline_model = _load(model_path, dtype, device)
     load_time = time.perf_counter() - start
-    baseline = evaluation.token_nll(baseline_model, input_ids, windows, progress=settings.progress, desc=BASELINE)
+    baseline = evaluation.token_nll_data_parallel(
+        baseline_model, input_ids, windows, parallel, progress=settings.progress, desc=BASELINE
+    )
     bits, model_bits = storage_bits_per_weight(baseline_model)
     results = [MethodResult(BASELINE, baseline, bits, model_bits, load_time)]
     names = eligible_linear_names(baseline_model, settings.block_size)
     reference = {name: baseline_model.get_submodule(name).weight.detach().to("cpu") for name in names}
 
-    calibration = None
-    stats = None
-    if ACTIVATION_AWARE in settings.methods:
-        calibration_text, calibration_note = evaluation.load_text(settings.calibration_text, settings.cache_dir)
-        calibration_ids = evaluation.tokenize(tokenizer, calibration_text)
-        sequences = calibration_sequences(calibration_ids, settings.calibration_seq_len, settings.calibration_tokens)
-        stats = collect_activation_stats(baseline_model, sequences, names, progress=settings.progress)
-        calibration = {
-            "text": calibration_note,
-            "tokens": len(sequences) * settings.calibration_seq_len,
-            "seq_len": settings.calibration_seq_len,
-        }
     del baseline_model
 
+    calibration = None
     card_config = None
     for method in settings.methods:
         start = time.perf_counter()
-        scale_method = "mse" if method == ACTIVATION_AWARE else method
-        model = _load(model_path, dtype, device, MXFP4Config(block_size=settings.block_size, scale_method=scale_method))
         if method == ACTIVATION_AWARE:
-            requantize_with_activation_weights(model, reference, stats)
+            # Made as a user makes one: from_pretrained calibrates on the text, then quantizes.
+            calibration_text, calibration_note = evaluation.load_text(settings.calibration_text, settings.cache_dir)
+            request = {
+                "dataset": [calibration_text],
+                "tokenizer": tokenizer,
+                "calibration_tokens": settings.calibration_tokens,
+                "calibration_seq_len": settings.calibration_seq_len,
+            }
+            config = MXFP4Config(block_size=settings.block_size, scale_method="mse", calibration=request)
+        else:
+            config = MXFP4Config(block_size=settings.block_size, scale_method=method)
+        model = _load(model_path, dtype, device, config)
+        if method == ACTIVATION_AWARE:
+            record = model.config.quantization_config.calibration
+            calibration = {
+                "text": calibration_note,
+                "tokens": record["calibration_tokens"],
+                "seq_len": record["calibration_seq_len"],
+            }
         load_time = time.perf_counter() - start
         quantized = quantized_modules(model)
         if sorted(quantized) != sorted(names):
@@ -313,7 +323,9 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
                 f"({sorted(set(quantized) ^ set(names))[:3]} differ); the per-layer report would be wrong"
             )
         layers = {name: layer_stats(reference[name], module) for name, module in quantized.items()}
-        result = evaluation.token_nll(model, input_ids, windows, progress=settings.progress, desc=method)
+        result = evaluation.token_nll_data_parallel(
+            model, input_ids, windows, parallel, progress=settings.progress, desc=method
+        )
         if not torch.equal(result.positions, baseline.positions):
             raise RuntimeError(f"{method} scored other token positions than {BASELINE}; the comparison is void")
         bits, model_bits = storage_bits_per_weight(model)
@@ -325,6 +337,7 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
 
     run = results_json(settings, results, model_path, base_model, model_note, text_note, dtype, device, calibration)
     run["quantization_config"] = card_config
+    run["processes"] = parallel.world_size if parallel else 1  # data-parallel processes that shared the windows
     return run
 
 
@@ -414,7 +427,8 @@ def _setup_lines(run: dict[str, Any]) -> list[str]:
         f"- Model: `{run['model']}`" + (f" — {run['model_note']}" if run.get("model_note") else ""),
         f"- Text: {run['text']}",
         f"- {run['tokens_scored']} tokens scored (the same positions for every method), context "
-        f"{run['context_length']}, stride {run['stride']}; compute dtype {run['compute_dtype']} on {run['device']}",
+        f"{run['context_length']}, stride {run['stride']}; compute dtype {run['compute_dtype']} on {run['device']}"
+        + (f", windows shared by {run['processes']} data-parallel processes" if run.get("processes", 1) > 1 else ""),
         f"- Machine: {run['machine']}",
     ]
     if run.get("calibration"):
@@ -596,7 +610,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "qwantize-eval") -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Under accelerate launch / torchrun only the main process (RANK 0) logs progress.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for chatty in ("gensim", "matplotlib"):  # their INFO lines (dictionary events, font cache) are noise here
         logging.getLogger(chatty).setLevel(logging.WARNING)
     settings = RunSettings(
@@ -622,6 +638,10 @@ def main(argv: list[str] | None = None, prog: str = "qwantize-eval") -> int:
     except (evaluation.MissingPackageError, evaluation.SourceUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    parallel = evaluation.data_parallel()  # the group run_comparison joined, if launched as several processes
+    evaluation.finish_data_parallel(parallel)
+    if parallel is not None and not parallel.is_main:
+        return 0  # every process holds the summed result; only the main one writes it
     run["command"] = shlex.join([*shlex.split(prog), *argv])
     written = write_outputs(run, args.output_dir, name, card_dir)
     print(markdown_report(run))
