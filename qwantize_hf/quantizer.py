@@ -142,8 +142,11 @@ class MXFP4HfQuantizer(HfQuantizer):
         if self.calibrates:
             self._calibrate_and_quantize(model)
         replace.check_all_quantized(model)
+        if self.pre_quantized:
+            replace.check_stored_tensors_loaded(model)
         if self.pre_quantized and self.quantization_config.dequantize:
-            count = replace.dequantize_linears(model)
+            # the dtype the rest of the model was loaded in, as transformers' own dequantize uses
+            count = replace.dequantize_linears(model, model.config.dtype)
             logger.info("dequantized %d MXFP4Linear layers to nn.Linear", count)
             return
         card.upload_card_with_push_to_hub(model)

@@ -243,6 +243,29 @@ def check_all_quantized(model: nn.Module) -> None:
         )
 
 
+def check_stored_tensors_loaded(model: nn.Module) -> None:
+    """Raise when an MXFP4 checkpoint lacked a layer's codes or scales.
+
+    transformers gives a missing tensor an uninitialised placeholder and only logs it;
+    for packed bytes that is garbage that would run. Every tensor it loads is flagged
+    ``_is_hf_initialized`` (5.17 and 5.24 alike); offloaded ones stay on meta here.
+    """
+    missing = [
+        f"{name}.{tensor_name}"
+        for name, module in model.named_modules()
+        if isinstance(module, MXFP4Linear)
+        for tensor_name in ("weight", "weight_scale")
+        if getattr(module, tensor_name).device.type != "meta"
+        and not getattr(getattr(module, tensor_name), "_is_hf_initialized", False)
+    ]
+    if missing:
+        raise RuntimeError(
+            f"this MXFP4 checkpoint lacks {len(missing)} tensor(s) its config says are quantized, first "
+            f"{missing[0]!r}: the packed codes and scales must both be saved. Re-save the model with "
+            "save_pretrained, or re-quantize it from the original weights"
+        )
+
+
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Swap every MXFP4Linear back to an ``nn.Linear`` holding ``dequantize(weight)``; returns how many."""
     count = 0

@@ -296,6 +296,31 @@ def test_dequantize_at_load_gives_a_plain_model(mxfp4_checkpoints, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dequantize_at_load_follows_the_load_dtype(mxfp4_checkpoints, dtype):
+    plain = AutoModelForCausalLM.from_pretrained(
+        mxfp4_checkpoints["llama"], quantization_config=MXFP4Config(dequantize=True), dtype=dtype
+    )
+    up = plain.model.layers[0].mlp.up_proj
+    assert type(up) is nn.Linear and up.weight.dtype == dtype
+    with torch.no_grad():
+        assert plain(input_ids()).logits.dtype == dtype
+
+
+def test_checkpoint_missing_scales_fails_naming_the_tensor(mxfp4_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = mxfp4_checkpoints["llama"]
+    for item in source.iterdir():
+        if item.name != "model.safetensors":
+            (tmp_path / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"lacks 1 tensor\(s\).*model\.layers\.0\.mlp\.up_proj\.weight_scale"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
 def test_model_dequantize_method(bf16_checkpoints):
     model = load_quantized(bf16_checkpoints["qwen2"])
     with torch.no_grad():
