@@ -206,23 +206,6 @@ class MethodResult:
         return {k: sum(s.scale_offsets[k] for s in self.layers.values()) / blocks for k in keys}
 
 
-def requantize_with_activation_weights(
-    model: nn.Module, reference: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
-) -> None:
-    """Re-search every MXFP4Linear's scales from its float weight, weighting errors by ``stats[name]``."""
-    from qwantize_hf.ops import quantize_mxfp4
-
-    for name, module in quantized_modules(model).items():
-        if name not in stats:
-            raise KeyError(f"no activation statistics for {name}: the calibration hooks did not cover it")
-        weight = reference[name].to(module.weight.device)
-        packed, scales = quantize_mxfp4(
-            weight, block_size=module.block_size, scale_method="mse", weights=stats[name], name=name
-        )
-        module.weight.data = packed
-        module.weight_scale.data = scales
-
-
 # --------------------------------------------------------------------------- the run
 
 

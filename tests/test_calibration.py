@@ -6,10 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from qwantize_hf import MXFP4Config
 from qwantize_hf.calibration import calibration_sequences, collect_activation_stats, eligible_linear_names
-from qwantize_hf.perplexity import quantized_modules, requantize_with_activation_weights
-from tests.tiny_models import COMMON, VOCAB, save_random_model, tied_llama_config
+from tests.tiny_models import COMMON, VOCAB, tied_llama_config
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,26 +60,6 @@ def test_statistics_equal_a_direct_computation_over_all_sequences():
     direct = torch.cat(squares).mean(dim=0).float()
     torch.testing.assert_close(stats[names[0]], direct, rtol=1e-5, atol=0)
     assert torch.equal(stats[names[0]], stats[names[1]])  # same input, same statistics
-
-
-def test_uniform_statistics_give_the_plain_mse_bytes(tmp_path):
-    from transformers import AutoModelForCausalLM as Auto
-
-    folder = save_random_model(LlamaConfig(**COMMON), tmp_path / "tiny")
-    reference_model = Auto.from_pretrained(folder, dtype=torch.bfloat16)
-    names = eligible_linear_names(reference_model, 32)
-    reference = {n: reference_model.get_submodule(n).weight.detach() for n in names}
-    model = Auto.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=MXFP4Config(scale_method="mse"))
-    before = {n: (m.weight.clone(), m.weight_scale.clone()) for n, m in quantized_modules(model).items()}
-    uniform = {n: torch.full((reference[n].shape[1],), 0.37) for n in names}
-    requantize_with_activation_weights(model, reference, uniform)
-    for name, module in quantized_modules(model).items():
-        assert torch.equal(module.weight, before[name][0]) and torch.equal(module.weight_scale, before[name][1])
-    # Strongly non-uniform statistics do change some scales: the weights are not ignored.
-    skewed = {n: torch.linspace(0, 1, reference[n].shape[1]) ** 8 for n in names}
-    requantize_with_activation_weights(model, reference, skewed)
-    changed = sum(int((m.weight_scale != before[n][1]).sum()) for n, m in quantized_modules(model).items())
-    assert changed > 0
 
 
 def test_too_little_calibration_text_is_a_clear_error():
