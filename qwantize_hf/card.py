@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qwantize_hf.constants import BITS_PER_WEIGHT
+from qwantize_hf.format import check_block_size, check_scale_method
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card_template.md"
 CARD_INFO_ATTRIBUTE = "qwantize_card_info"
@@ -110,10 +111,8 @@ def render_model_card(
     """
     block_size = quantization_config["block_size"]
     scale_method = quantization_config["scale_method"]
-    if block_size not in BITS_PER_WEIGHT:
-        raise ValueError(f"block_size must be one of {tuple(BITS_PER_WEIGHT)}, got {block_size!r}")
-    if scale_method not in SCALE_METHOD_DESCRIPTIONS:
-        raise ValueError(f"scale_method must be one of {tuple(SCALE_METHOD_DESCRIPTIONS)}, got {scale_method!r}")
+    check_block_size(block_size)
+    check_scale_method(scale_method)
     if eval_results is not None and not isinstance(eval_results.get("methods"), list):
         raise ValueError("eval_results needs a 'methods' list of per-method results (see the eval scripts' JSON)")
     skipped = quantization_config.get("modules_to_not_convert") or []

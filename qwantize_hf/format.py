@@ -182,6 +182,12 @@ def pairwise_sum(terms: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- scales
 
 
+def block_amax_bits(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Each block's amax as float32 bits: the integer max of the magnitude bits, exact and
+    NaN-aware (NaN's bits are the largest). ``[n_blocks]`` int32."""
+    return (float32_bits(w).reshape(-1, block_size) & F32_ABS_MASK).amax(dim=-1)
+
+
 def naive_scale_bytes(amax_bits: torch.Tensor) -> torch.Tensor:
     """OCP MX v1.0: clamp(floor(log2(amax)) - 2 + 127, 0, 254), from amax's float32 bits.
 
@@ -276,10 +282,8 @@ def quantize_blocks_torch(
     """
     shape = w.shape
     bits = float32_bits(w).reshape(-1, block_size)
-    abs_bits = bits & F32_ABS_MASK
-    absx = abs_bits.view(torch.float32)
-    # Integer max of the magnitude bits is amax, exact, and NaN-aware (NaN bits are largest).
-    amax_bits = abs_bits.amax(dim=-1)
+    absx = (bits & F32_ABS_MASK).view(torch.float32)
+    amax_bits = block_amax_bits(w, block_size)
     if scale_method == "naive":
         e = naive_scale_bytes(amax_bits)
     elif scale_method == "even":
@@ -318,6 +322,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_block_size",
     "check_scale_method",
+    "block_amax_bits",
     "check_weight",
     "choose_mse_byte",
     "dequantize_blocks_torch",

@@ -9,7 +9,7 @@ square activation, measured on a calibration text disjoint from the eval text.
 
 One run writes, under ``--output-dir``: ``NAME.md`` (table), ``NAME.json``
 (the schema ``qwantize_hf.card.render_model_card`` reads), ``NAME.png``
-(plot), ``NAME-layers.md`` / ``NAME-layers.json`` (per-layer relative weight
+(plot), ``NAME-layers.md`` and the JSON's ``layers`` section (per-layer relative weight
 error and how often each block's scale is e0-1 / e0 / e0+1), and a model card
 for the default ``MXFP4Config()`` under ``--card-dir``.
 
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from qwantize_hf import evaluation
-from qwantize_hf.constants import BITS_PER_WEIGHT, DEFAULT_BLOCK_SIZE, F32_ABS_MASK
+from qwantize_hf.constants import BITS_PER_WEIGHT, DEFAULT_BLOCK_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,9 @@ class LayerStats:
 
 def naive_bytes_of(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     """e0 of every block of ``weight`` (the naive OCP byte), the reference the offsets are counted from."""
-    from qwantize_hf.format import float32_bits, naive_scale_bytes
+    from qwantize_hf.format import block_amax_bits, naive_scale_bytes
 
-    amax_bits = (float32_bits(weight).reshape(-1, block_size) & F32_ABS_MASK).amax(dim=-1)
-    return naive_scale_bytes(amax_bits)
+    return naive_scale_bytes(block_amax_bits(weight, block_size))
 
 
 def layer_stats(reference: torch.Tensor, module: nn.Module) -> LayerStats:

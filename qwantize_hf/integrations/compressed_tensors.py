@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qwantize_hf.config import FORMAT_VERSION, QUANT_METHOD, MXFP4Config
-from qwantize_hf.constants import F4_CODES_PER_BYTE, SCALE_METHODS
+from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.format import check_scale_method
 
 logger = logging.getLogger(__name__)
 
@@ -494,8 +495,7 @@ def from_compressed_tensors(
     the default ``"even"`` is the rule of compressed-tensors' own MXFP4 scales.
     Any other compressed-tensors scheme (NVFP4, int4, FP8, ...) is refused.
     """
-    if scale_method not in SCALE_METHODS:
-        raise ValueError(f"scale_method must be one of {SCALE_METHODS}, got {scale_method!r}")
+    check_scale_method(scale_method)
     src, out = Path(src_dir), Path(out_dir)
     config = _load_config(src)
     # Checkpoints from compressed-tensors before transformers adopted quantization_config used this key.
