@@ -79,6 +79,12 @@ class MXFP4HfQuantizer(HfQuantizer):
                 "first with device_map='cpu' (or a GPU) and save_pretrained, then load that MXFP4 checkpoint "
                 "with disk offload; or give max_memory enough room to avoid 'disk'"
             )
+        if "meta" in {str(device) for device in devices}:
+            # transformers leaves meta-placed weights unloaded: nothing could be quantized or run.
+            raise ValueError(
+                "device_map places some modules on 'meta', which loads no weights; quantizing needs them. "
+                "Use 'cpu', a GPU or 'disk' (disk only for an already quantized MXFP4 checkpoint)"
+            )
         if config.dequantize and (len(devices) > 1 or "disk" in devices):
             raise ValueError(
                 "MXFP4Config(dequantize=True) cannot dequantize layers that device_map offloads "

@@ -373,6 +373,12 @@ def test_stored_checkpoint_max_memory_split(mxfp4_checkpoints, tmp_path):
         assert torch.equal(model(input_ids()).logits, full(input_ids()).logits)
 
 
+def test_meta_placement_is_refused(bf16_checkpoints):
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "meta", "model.norm": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="places some modules on 'meta'"):
+        load_quantized(bf16_checkpoints["llama"], device_map=device_map)
+
+
 def test_quantize_on_load_refuses_disk_offload(bf16_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="cannot offload layers to disk"):
         load_quantized(bf16_checkpoints["llama"], device_map={"": "disk"}, offload_folder=tmp_path)
