@@ -31,6 +31,7 @@ from qwantize_hf.integrations.compressed_tensors import (
     model_to_compressed_tensors,
     to_compressed_tensors,
 )
+from tests.tiny_models import COMMON as TINY_COMMON
 
 # One quantizable Linear is left in bf16 on purpose, so `ignore` holds more than lm_head.
 NOT_CONVERTED = ["model.layers.1.mlp.down_proj", "lm_head"]
@@ -43,17 +44,8 @@ INPUT_IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 127, 2, 3, 40, 41, 42]])
 
 
 def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_bias=True,  # biases must travel unchanged
-        tie_word_embeddings=tie,
-    )
+    # biases must travel unchanged
+    config = LlamaConfig(**{**TINY_COMMON, "vocab_size": 128, "attention_bias": True, "tie_word_embeddings": tie})
     torch.manual_seed(0)
     # Built as from_pretrained builds it (bf16 weights, float32 rotary buffers), so logits compare exactly.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
