@@ -198,7 +198,8 @@ def collect_activation_stats(
     if unseen:
         raise RuntimeError(
             f"{len(unseen)} Linear module(s) saw no input during calibration, first {unseen[0]!r}: they are "
-            "not on the model's forward path, so they cannot be calibrated"
+            "not on the model's forward path, so they cannot be calibrated; add them to "
+            "MXFP4Config(modules_to_not_convert=[...]) to keep them unquantized"
         )
     logger.info("activation statistics of %d Linear modules over %d tokens", len(names), counts[names[0]])
     return {name: (sums[name] / counts[name]).to(torch.float32).cpu() for name in names}

@@ -232,7 +232,11 @@ def dataset_name(dataset: str | list[str] | tuple[str, ...]) -> str:
     """A description of a calibration dataset that holds none of its text."""
     if isinstance(dataset, (list, tuple)):
         return f"{len(dataset)} text(s) given in memory"
-    return f"local text file {Path(dataset).name}" if os.path.isfile(dataset) else dataset
+    if os.path.isfile(dataset):
+        return f"local text file {Path(dataset).name}"
+    if os.path.exists(dataset):
+        return f"local dataset folder {Path(dataset).name}"
+    return dataset
 
 
 def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:

@@ -441,9 +441,13 @@ def main_process_first(parallel: DataParallel | None) -> Iterator[None]:
 
     if not parallel.is_main:
         dist.barrier()
-    yield
-    if parallel.is_main:
-        dist.barrier()
+    try:
+        yield
+    finally:
+        # Also on error: the others then fail fast on the missing cache instead of
+        # waiting in the barrier until the collective timeout.
+        if parallel.is_main:
+            dist.barrier()
 
 
 def process_device(requested: str, parallel: DataParallel | None) -> torch.device:

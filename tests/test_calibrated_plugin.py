@@ -247,7 +247,8 @@ def test_dataset_name_goes_through_datasets(checkpoints, tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     model = load_calibrated(checkpoints["llama"], dataset=str(folder))
-    assert model.config.quantization_config.calibration["dataset"] == str(folder)
+    assert model.config.quantization_config.calibration["dataset"] == f"local dataset folder {folder.name}"
+    assert str(folder) not in json.dumps(model.config.quantization_config.to_dict())  # no local path leaks
     assert isinstance(model.model.layers[0].mlp.down_proj, MXFP4Linear)
 
 
