@@ -59,6 +59,7 @@ from qwantize_hf import MXFP4Config, MXFP4Linear  # noqa: E402
 GIB = 2**30
 BYTE_VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger, which is fine
 PROMPT_LENGTH = 32
+PERPLEXITY_TIMEOUT_S = 900  # per perplexity run (one process or data-parallel)
 PERPLEXITY_TOLERANCE = 1e-6  # relative: the data-parallel perplexity must equal one process's
 # The dry run's stand-in: Llama-3.2-1B's structure (GQA, tied embeddings, llama3 rope) at toy size.
 DRY_RUN_OVERRIDES = dict(
@@ -97,8 +98,13 @@ def eval_text() -> str:
 
 def build_checkpoint(config: LlamaConfig, folder: Path) -> dict:
     """Random bf16 weights + the byte tokenizer + ``eval.txt`` in ``folder`` (kept when it already holds them)."""
-    if (folder / "config.json").exists() and (folder / "eval.txt").exists():
-        return {"build_and_save_s": None}
+    saved = folder / "config.json"
+    if saved.exists() and (folder / "eval.txt").exists():
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+        stored = json.loads(saved.read_text())
+        if all(stored.get(key) == getattr(config, key) for key in keys):
+            return {"build_and_save_s": None}
+        raise SystemExit(f"{folder} holds another model's checkpoint ({saved}); remove it or pass another --work")
     start = time.perf_counter()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -292,7 +298,10 @@ def perplexity_check(folder: Path, work: Path, processes: int, args: argparse.Na
         out_dir = work / f"ppl-{label}"
         command = [*prefix, *common, "--output-dir", str(out_dir), "--name", "ppl"]
         start = time.perf_counter()
-        done = subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True, cwd=work)
+        # A data-parallel hang must end the check, not the lease.
+        done = subprocess.run(
+            command, env={**env, **extra_env}, capture_output=True, text=True, cwd=work, timeout=PERPLEXITY_TIMEOUT_S
+        )
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"the {label} perplexity run failed ({done.returncode}):\n{done.stderr[-4000:]}")
