@@ -556,11 +556,33 @@ def token_nll_data_parallel(
         local = token_nll(model, input_ids, shard, progress=progress and parallel.is_main, desc=desc)
     else:  # more processes than windows
         local = PerplexityResult(0.0, 0, torch.zeros(0, dtype=torch.long), 0.0)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    _check_same_text_length(input_ids, windows, device)
     vector = local_sums(local, input_ids)
-    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-        vector = vector.to(torch.device("cuda", torch.cuda.current_device()))
+    if device is not None:  # NCCL reduces CUDA tensors only
+        vector = vector.to(device)
     dist.all_reduce(vector, op=dist.ReduceOp.SUM)
     return combine_sums(vector, windows, input_ids, time.perf_counter() - start)
+
+
+def _check_same_text_length(input_ids: torch.Tensor, windows: Sequence[Window], device: torch.device | None) -> None:
+    """Raise on every process when they hold texts of different lengths or different windows.
+
+    The sums below are one all-reduce of a vector as long as the text; processes
+    with different lengths would hang (NCCL) or fail obscurely (gloo) inside it.
+    """
+    import torch.distributed as dist
+
+    sizes = torch.tensor([input_ids.numel(), len(windows)], dtype=torch.float64, device=device)
+    largest, smallest = sizes.clone(), sizes.clone()
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    if not torch.equal(largest, smallest):
+        raise RuntimeError(
+            f"the processes tokenized texts of different lengths or cut different windows (tokens, windows: "
+            f"from {smallest.tolist()} to {largest.tolist()}); every process must load the same text with "
+            "the same tokenizer and settings"
+        )
 
 
 def finish_data_parallel(parallel: DataParallel | None) -> None:

@@ -166,3 +166,27 @@ def test_two_processes_under_accelerate_launch_give_the_single_process_perplexit
         assert got["tokens_scored"] == expected["tokens_scored"]
         assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6), got["method"]
     assert "windows shared by 2 data-parallel processes" in (tmp_path / "dp.md").read_text()
+
+
+def _length_check_worker(rank: int, init_file: str, errors: list) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ids = torch.arange(100 + 7 * rank)  # the two processes tokenized different texts
+        windows = evaluation.sliding_windows(ids.numel(), 32, 16)
+        try:
+            evaluation._check_same_text_length(ids, windows, None)
+        except RuntimeError as error:
+            errors.append(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_with_different_texts_fail_together_instead_of_hanging(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        errors = manager.list()
+        mp.spawn(_length_check_worker, args=(str(tmp_path / "init"), errors), nprocs=2, join=True)
+        assert len(errors) == 2 and all("different lengths" in error for error in errors)
