@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,8 +47,8 @@ def eligible_linear_names(
 
 # Texts given as a list are joined into one token stream with a paragraph break between them.
 TEXT_SEPARATOR = "\n\n"
-# A `datasets` dataset is read only until its rows hold this many characters per budgeted token
-# (natural text runs about 4 per token), so a huge corpus is not tokenized whole.
+# Calibration text is read (file, list or `datasets` rows) only up to this many characters per
+# budgeted token (natural text runs about 4 per token), so a huge corpus is not tokenized whole.
 DATASET_CHARS_PER_TOKEN = 16
 
 
@@ -73,23 +72,32 @@ def _dataset_text(name: str, max_chars: int) -> str:
             f"calibration['dataset'] = {name!r} has no 'text' column (columns {rows.column_names}); "
             "pass the texts as a list of strings"
         )
-    texts, chars = [], 0
-    for text in rows["text"]:
-        texts.append(text)
+    return _join_up_to((row["text"] for row in rows), max_chars)
+
+
+def _join_up_to(texts: Iterable[str | None], max_chars: int) -> str:
+    """Join texts (skipping missing ones) up to ``max_chars``: no more is read or tokenized than the budget needs."""
+    kept, chars = [], 0
+    for text in texts:
+        if text is None:
+            continue
+        kept.append(text)
         chars += len(text) + len(TEXT_SEPARATOR)
         if chars >= max_chars:
             break
-    return TEXT_SEPARATOR.join(texts)
+    return TEXT_SEPARATOR.join(kept)[:max_chars]
 
 
 def calibration_text(dataset: str | list[str] | tuple[str, ...], max_tokens: int) -> str:
     """The text of ``dataset``: a list of texts (joined), a local text file, or a ``datasets`` name."""
+    max_chars = max_tokens * DATASET_CHARS_PER_TOKEN
     if isinstance(dataset, (list, tuple)):
-        text = TEXT_SEPARATOR.join(dataset)
+        text = _join_up_to(dataset, max_chars)
     elif os.path.isfile(dataset):
-        text = Path(dataset).read_text(encoding="utf-8")
+        with open(dataset, encoding="utf-8") as file:
+            text = file.read(max_chars)
     else:
-        text = _dataset_text(dataset, max_tokens * DATASET_CHARS_PER_TOKEN)
+        text = _dataset_text(dataset, max_chars)
     if not text.strip():
         raise ValueError(f"the calibration dataset ({dataset_name(dataset)}) holds no text; give a non-empty text")
     return text

@@ -78,3 +78,14 @@ def test_hooks_are_removed_when_the_forward_fails():
     with pytest.raises(IndexError):
         collect_activation_stats(model, bad, names, progress=False)
     assert all(not model.get_submodule(n)._forward_pre_hooks for n in names)
+
+
+def test_the_token_budget_bounds_the_text_read(tmp_path):
+    from qwantize_hf.calibration import DATASET_CHARS_PER_TOKEN, calibration_text
+
+    big = "word " * 100_000
+    (tmp_path / "big.txt").write_text(big)
+    for source in (str(tmp_path / "big.txt"), [big, big], [None, "short", big]):
+        text = calibration_text(source, max_tokens=100)
+        assert len(text) == 100 * DATASET_CHARS_PER_TOKEN
+    assert calibration_text(["a", None, "b"], max_tokens=100) == "a\n\nb"  # missing rows are skipped
