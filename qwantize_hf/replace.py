@@ -243,20 +243,34 @@ def check_all_quantized(model: nn.Module) -> None:
         )
 
 
+def _stored_tensor_present(module: nn.Module, tensor_name: str) -> bool:
+    tensor = getattr(module, tensor_name)
+    if tensor.device.type != "meta":
+        return getattr(tensor, "_is_hf_initialized", False)
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is None:
+        return False
+    try:
+        weights_map[tensor_name]
+    except KeyError:
+        return False
+    return True
+
+
 def check_stored_tensors_loaded(model: nn.Module) -> None:
     """Raise when an MXFP4 checkpoint lacked a layer's codes or scales.
 
     transformers gives a missing tensor an uninitialised placeholder and only logs it;
     for packed bytes that is garbage that would run. Every tensor it loads is flagged
-    ``_is_hf_initialized`` (5.17 and 5.24 alike); offloaded ones stay on meta here.
+    ``_is_hf_initialized`` (5.17 and 5.24 alike); an offloaded one stays on meta here
+    and must be in its accelerate hook's weights map instead.
     """
     missing = [
         f"{name}.{tensor_name}"
         for name, module in model.named_modules()
         if isinstance(module, MXFP4Linear)
         for tensor_name in ("weight", "weight_scale")
-        if getattr(module, tensor_name).device.type != "meta"
-        and not getattr(getattr(module, tensor_name), "_is_hf_initialized", False)
+        if not _stored_tensor_present(module, tensor_name)
     ]
     if missing:
         raise RuntimeError(

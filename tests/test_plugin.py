@@ -319,6 +319,11 @@ def test_checkpoint_missing_scales_fails_naming_the_tensor(mxfp4_checkpoints, tm
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match=r"lacks 1 tensor\(s\).*model\.layers\.0\.mlp\.up_proj\.weight_scale"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    # the same when that layer is offloaded to disk (its tensors live in accelerate's weights map)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    with pytest.raises(RuntimeError, match=r"lacks 1 tensor\(s\).*model\.layers\.0\.mlp\.up_proj\.weight_scale"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map, offload_folder=tmp_path / "offload")
 
 
 def test_model_dequantize_method(bf16_checkpoints):
