@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from qwantize_hf import MXFP4Config, MXFP4Linear, quantize_mxfp4
 from qwantize_hf.config import CALIBRATION_DEFAULTS
-from tests.tiny_models import COMMON, FAMILIES, VOCAB, input_ids, save_random_model
+from tests.tiny_models import COMMON, FAMILIES, VOCAB, assert_same_tensors, input_ids, save_random_model
 
 # Two different texts, so a test can tell which one a model was calibrated on.
 CALIBRATION_TEXT = (
@@ -138,10 +138,7 @@ def test_uniform_statistics_give_the_plain_mse_bytes(checkpoints, monkeypatch):
     plain = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=MXFP4Config())
     monkeypatch.setattr(calibration, "collect_activation_stats", uniform)
     calibrated = load_calibrated(checkpoints["qwen2"])
-    expected, got = plain.state_dict(), calibrated.state_dict()
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert expected[key].dtype == got[key].dtype and torch.equal(expected[key], got[key]), key
+    assert_same_tensors(plain.state_dict(), calibrated.state_dict())
 
     # Strongly skewed statistics move some scales: the weights reach the search.
     def skewed(model, sequences, module_names, **kwargs):
@@ -192,10 +189,7 @@ def test_reload_is_bit_identical_without_recalibrating(calibrated_llama, monkeyp
     monkeypatch.setattr("qwantize_hf.calibration.collect_activation_stats", refuse)
     monkeypatch.setattr("qwantize_hf.replace.quantize_mxfp4", refuse)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
-    expected, got = model.state_dict(), reloaded.state_dict()
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert expected[key].dtype == got[key].dtype and torch.equal(expected[key], got[key]), key
+    assert_same_tensors(model.state_dict(), reloaded.state_dict())
     with torch.no_grad():
         assert torch.equal(model(input_ids()).logits, reloaded(input_ids()).logits)
     assert reloaded.config.quantization_config.calibration == model.config.quantization_config.calibration

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qwantize_hf import MXFP4Config, MXFP4Linear
 from qwantize_hf.quantizer import MXFP4HfQuantizer
-from tests.tiny_models import COMMON, input_ids, save_random_model
+from tests.tiny_models import COMMON, assert_same_tensors, input_ids, save_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = 4
@@ -205,9 +205,7 @@ def test_reload_under_another_device_map_is_bit_identical(quantized_split, label
     with pytest.warns(UserWarning, match="offloaded modules"):
         model.save_pretrained(tmp_path / "again")
     first, again = load_file(folder / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
-    assert first.keys() == again.keys()
-    for key in first:
-        assert first[key].dtype == again[key].dtype and torch.equal(first[key], again[key]), key
+    assert_same_tensors(first, again)
     assert first["model.layers.1.mlp.up_proj.weight"].dtype == torch.uint8
 
 

@@ -19,7 +19,15 @@ from transformers import AutoModelForCausalLM
 from qwantize_hf import MXFP4Config, MXFP4Linear, dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import BITS_PER_WEIGHT, F4_CODES_PER_BYTE
 from qwantize_hf.quantizer import MXFP4HfQuantizer
-from tests.tiny_models import FAMILIES, input_ids, linear_names, odd_llama_config, save_random_model, tied_llama_config
+from tests.tiny_models import (
+    FAMILIES,
+    assert_same_tensors,
+    input_ids,
+    linear_names,
+    odd_llama_config,
+    save_random_model,
+    tied_llama_config,
+)
 
 BF16_BYTES = 2
 
@@ -270,10 +278,7 @@ def test_reload_is_bit_identical_without_requantizing(bf16_checkpoints, mxfp4_ch
     monkeypatch.setattr("qwantize_hf.replace.quantize_mxfp4", refuse)
     reloaded = AutoModelForCausalLM.from_pretrained(mxfp4_checkpoints[family])
     assert reloaded.is_quantized and isinstance(reloaded.hf_quantizer, MXFP4HfQuantizer)
-    expected, got = model.state_dict(), reloaded.state_dict()
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert expected[name].dtype == got[name].dtype and torch.equal(expected[name], got[name]), name
+    assert_same_tensors(model.state_dict(), reloaded.state_dict())
     with torch.no_grad():
         assert torch.equal(model(input_ids()).logits, reloaded(input_ids()).logits)
 

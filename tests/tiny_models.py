@@ -58,3 +58,10 @@ def linear_names(model: nn.Module) -> dict[str, nn.Module]:
 def input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+def assert_same_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """The same names, dtypes and bytes (state dicts, or safetensors files as loaded)."""
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert expected[name].dtype == got[name].dtype and torch.equal(expected[name], got[name]), name
