@@ -58,6 +58,18 @@ class MXFP4Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
+    def like(cls, linear: nn.Linear, *, block_size: int, device: torch.device | str) -> MXFP4Linear:
+        """An MXFP4Linear of ``linear``'s shape and bias dtype on ``device``, its tensors not yet filled."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            block_size=block_size,
+            bias_dtype=linear.weight.dtype,
+            device=device,
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -67,14 +79,7 @@ class MXFP4Linear(nn.Module):
         name: str = "linear",
     ) -> MXFP4Linear:
         """Quantize an existing ``nn.Linear`` (on its own device) into a new MXFP4Linear."""
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            block_size=block_size,
-            bias_dtype=linear.weight.dtype,
-            device=linear.weight.device,
-        )
+        module = cls.like(linear, block_size=block_size, device=linear.weight.device)
         packed, scales = quantize_mxfp4(
             linear.weight.detach(), block_size=block_size, scale_method=scale_method, name=name
         )
@@ -89,9 +94,6 @@ class MXFP4Linear(nn.Module):
         return dequantize_mxfp4(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # The custom op: the fused Triton kernel for CUDA bf16/fp16 decode-sized
         # inputs, dequantize + F.linear otherwise (see qwantize_hf/matmul.py).
         return mxfp4_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)

@@ -120,18 +120,6 @@ def linears_to_convert(
     return convert, not_divisible
 
 
-def _mxfp4_shell(linear: nn.Linear, block_size: int, device: torch.device | str) -> MXFP4Linear:
-    """An MXFP4Linear of ``linear``'s shape and bias dtype on ``device``, its tensors not yet filled."""
-    return MXFP4Linear(
-        linear.in_features,
-        linear.out_features,
-        linear.bias is not None,
-        block_size=block_size,
-        bias_dtype=linear.weight.dtype,
-        device=device,
-    )
-
-
 def replace_linear_with_mxfp4(
     model: nn.Module,
     *,
@@ -149,7 +137,7 @@ def replace_linear_with_mxfp4(
     )
     for name in convert:
         module = model.get_submodule(name)
-        replacement = _mxfp4_shell(module, block_size, module.weight.device)
+        replacement = MXFP4Linear.like(module, block_size=block_size, device=module.weight.device)
         if quantize_on_load:
             use_float_placeholder(replacement, module.weight.dtype)
         else:
@@ -214,7 +202,7 @@ def quantize_linears_with_weights(
         packed, scales = quantize_mxfp4(
             weight, block_size=block_size, scale_method="mse", weights=per_feature, name=name
         )
-        replacement = _mxfp4_shell(linear, block_size, "meta")
+        replacement = MXFP4Linear.like(linear, block_size=block_size, device="meta")
         if offload is not None:
             # The tensors stay meta placeholders; the hook fills them from its weights_map at forward time.
             _store_offloaded(offload.weights_map, "weight", packed.cpu())
