@@ -4,9 +4,10 @@ For Llama-3-8B-shaped layers (N x K) and M rows of activations, in one run:
 the fused kernel (``mxfp4_matmul_triton``, autotuned decode configs for M <= 16 and
 prefill configs above), bf16 ``F.linear`` (cuBLAS), and ``dequantize_mxfp4`` +
 ``F.linear``. ``mxfp4_linear`` (what MXFP4Linear runs) takes the fused kernel for
-M <= 16 and dequantize + F.linear above. Every candidate is checked first (worst
-relative Frobenius error over output features vs a float32 matmul of the exact dequantized weight, fresh random
-inputs per shape and M), then timed as CUDA-graph replays (``do_bench_cudagraph``,
+M <= 16 and dequantize + F.linear above. Every candidate is checked first against a
+float32 matmul of the exact dequantized weight on fresh random inputs per shape and M
+(relative Frobenius error of the output, and each output feature's error over the size
+of its terms: see ``errors``), then timed as CUDA-graph replays (``do_bench_cudagraph``,
 median) over enough weight copies that they don't fit in L2 together, so decode
 numbers are DRAM numbers, not cache numbers. Reports medians, ratios, achieved
 weight-read bandwidth and a device-to-device copy for scale.
@@ -50,9 +51,24 @@ def bench(fn, calls: int) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / calls
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    # worst output feature: one norm over the whole output would hide a wrong small column
-    return float(((out.float() - ref).norm(dim=0) / ref.norm(dim=0)).max())
+def errors(out: torch.Tensor, x: torch.Tensor, w_ref: torch.Tensor) -> tuple[float, float]:
+    """(relative Frobenius error of the whole output, worst output feature's error).
+
+    The second is each feature's error over the size of its terms, ``|x| @ |w_j|``: a
+    relative error per feature would be ill-conditioned (one of 14336 outputs of a
+    single row is often near zero by cancellation, and any summation order then
+    looks wrong), while one norm over the whole output would hide a wrong small-scale
+    column. Float32 sums in another order stay near 1e-6 of the terms and bf16 output
+    rounding under 2**-9; one 32-block with a wrong scale in K = 4096 is near 1e-2.
+    """
+    ref = x.float() @ w_ref.T
+    diff = out.float() - ref
+    terms = x.float().abs() @ w_ref.abs().T
+    return float(diff.norm() / ref.norm()), float((diff.norm(dim=0) / terms.norm(dim=0)).max())
+
+
+MAX_FROBENIUS_ERR = 1e-2  # issue 5's bound for bf16 activations
+MAX_FEATURE_ERR = 4e-3  # bf16 output rounding (<= 2**-9 of |y|) passes, a wrong block does not
 
 
 def main() -> None:
@@ -74,8 +90,8 @@ def main() -> None:
         f"rotating over weight copies of >= {ROTATE_BYTES >> 20} MiB per candidate",
         "",
         "| N x K | M | fused us | bf16 F.linear us | deq+F.linear us | fused x vs bf16 | fused x vs deq "
-        "| fused weight GB/s | bf16 weight GB/s | rel err | config |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fused weight GB/s | bf16 weight GB/s | rel err | feature err | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     t_start = time.time()
     for n, k in shapes:
@@ -90,11 +106,12 @@ def main() -> None:
         w_ref = dequantize_mxfp4(packed, scales, dtype=torch.float32)
         for m in ms_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.float() @ w_ref.T
-            out = kmm.mxfp4_matmul_triton(x, packed, scales, None, 32)
-            err = max(rel_err(out, ref), rel_err(mxfp4_linear(x, packed, scales), ref))
-            deq_err = rel_err(F.linear(x, dequantize_mxfp4(packed, scales)), ref)
-            assert err < 1e-2 and deq_err < 1e-2, (n, k, m, err, deq_err)
+            fused = errors(kmm.mxfp4_matmul_triton(x, packed, scales, None, 32), x, w_ref)
+            op = errors(mxfp4_linear(x, packed, scales), x, w_ref)
+            deq = errors(F.linear(x, dequantize_mxfp4(packed, scales)), x, w_ref)
+            for frob, feature in (fused, op, deq):
+                assert frob < MAX_FROBENIUS_ERR and feature < MAX_FEATURE_ERR, (n, k, m, fused, op, deq)
+            err = max(fused[0], op[0])
             # Heavy M: fewer copies are needed to hide the cache, and a graph of many big calls is slow to build.
             cq = copies_q if m <= 64 else 2
             cb = copies_b if m <= 64 else 2
@@ -107,7 +124,7 @@ def main() -> None:
             line = (
                 f"| {n}x{k} | {m} | {t_ours * 1e3:.1f} | {t_bf16 * 1e3:.1f} | {t_deq * 1e3:.1f} | "
                 f"{t_bf16 / t_ours:.2f} | {t_deq / t_ours:.2f} | {q_bytes / (t_ours * 1e-3) / 1e9:.0f} | "
-                f"{b_bytes / (t_bf16 * 1e-3) / 1e9:.0f} | {err:.1e} | {cfg} |"
+                f"{b_bytes / (t_bf16 * 1e-3) / 1e9:.0f} | {err:.1e} | {max(fused[1], op[1]):.1e} | {cfg} |"
             )
             lines.append(line)
             print(line, flush=True)
