@@ -13,11 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_NAN
+from qwantize_hf.kernels import matmul as kmm
 from qwantize_hf.kernels.matmul import _config, mxfp4_matmul_triton
-from qwantize_hf.matmul import mxfp4_linear
+from qwantize_hf.matmul import _plain_eager_call, mxfp4_linear
 from tests.conftest import KERNEL_DEVICE
 
 HAS_CUDA = torch.cuda.is_available()
@@ -122,6 +124,33 @@ def test_opcheck_fake_and_schema():
     torch.library.opcheck(torch.ops.qwantize_hf.mxfp4_linear.default, (x, packed, scales, None, 32))
 
 
+def test_eager_call_bypasses_the_dispatcher_with_the_same_result():
+    x, packed, scales, bias = make_inputs(3, 8, 64, torch.bfloat16, True, 32, seed=7, device="cpu")
+    assert _plain_eager_call(x, packed, scales, bias)
+    assert torch.equal(
+        mxfp4_linear(x, packed, scales, bias), torch.ops.qwantize_hf.mxfp4_linear(x, packed, scales, bias, 32)
+    )
+
+
+def test_calls_that_need_the_registered_op_still_get_it():
+    x, packed, scales, bias = make_inputs(3, 8, 64, torch.bfloat16, True, 32, seed=8, device="cpu")
+    x.requires_grad_(True)
+    assert not _plain_eager_call(x, packed, scales, bias)  # autograd sees the op (which has no formula)
+    out = mxfp4_linear(x, packed, scales, bias)
+    assert "mxfp4_linear" in type(out.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert _plain_eager_call(x, packed, scales, bias)
+    plain_x = x.detach()
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(plain_x)
+        assert not _plain_eager_call(fake, mode.from_tensor(packed), mode.from_tensor(scales), None)
+        assert mxfp4_linear(fake, mode.from_tensor(packed), mode.from_tensor(scales)).shape == (3, 8)
+    meta = x.detach().to("meta")
+    assert not _plain_eager_call(meta, packed.to("meta"), scales.to("meta"), None)
+
+
 class _TinyMXFP4(torch.nn.Module):
     def __init__(self, packed, scales, bias):
         super().__init__()
@@ -152,6 +181,18 @@ def test_gpu_autotuned_dispatch_matches_reference(m, dtype):
     x, packed, scales, bias = make_inputs(m, 1031, 1184, dtype, True, 32, seed=m, device="cuda")
     out = mxfp4_linear(x, packed, scales, bias)
     assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+
+
+@gpu
+def test_gpu_autotuned_choice_is_remembered_and_reused():
+    x, packed, scales, bias = make_inputs(4, 2048, 512, torch.bfloat16, False, 32, seed=13, device="cuda")
+    key = (4, 2048, 512, False, 32, torch.bfloat16, x.device)
+    kmm._CHOSEN.pop(key, None)
+    first = mxfp4_matmul_triton(x, packed, scales, None, 32)  # tunes, launches the best, remembers it
+    assert kmm._CHOSEN[key] in kmm.DECODE_CONFIGS
+    again = mxfp4_matmul_triton(x, packed, scales, None, 32)  # launches the remembered config directly
+    assert torch.equal(first, again)
+    assert rel_err(again, reference(x, packed, scales, None, 32)) < MAX_REL_ERR
 
 
 @gpu
