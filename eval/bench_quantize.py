@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 
 import torch
 import triton
@@ -26,7 +28,10 @@ from qwantize_hf.format import normalize_mse_weights, quantize_blocks_torch
 from qwantize_hf.kernels.quantize import quantize_triton
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
-METHODS = ["naive", "even", "mse", "mse+weights"]
+METHODS = ["naive", "even", "mse", "mse+weights", "mse-f32"]
+# mse-f32: the same search with its rounding in float32 (half_search=False), the kernel
+# before the float16 search; mse-plain: the float16 search without inline PTX, timed in a
+# subprocess with QWANTIZE_HF_NO_INLINE_PTX=1 (read when the kernel module is imported).
 ROTATE_BYTES = 512 * 2**20  # keep the rotated inputs well above the 50 MB L2
 
 
@@ -54,12 +59,16 @@ def median_ms(fn, graph: bool = True) -> float:
 
 
 def split_method(method: str) -> tuple[str, bool]:
-    return ("mse", True) if method == "mse+weights" else (method, False)
+    return ("mse", True) if method == "mse+weights" else ("mse" if method == "mse-f32" else method, False)
+
+
+def launch_options(method: str) -> dict:
+    return {"half_search": False} if method == "mse-f32" else {}
 
 
 def check_bytes(w, method, weights, **launch) -> None:
     scale_method, _ = split_method(method)
-    got = quantize_triton(w, 32, scale_method, weights, **launch)
+    got = quantize_triton(w, 32, scale_method, weights, **launch_options(method), **launch)
     want = quantize_blocks_torch(w, 32, scale_method, weights)
     if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
         raise SystemExit(f"MISMATCH: {method} {tuple(w.shape)} {launch}")
@@ -91,7 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep blocks per program and warps")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_quantize.json")
+    parser.add_argument("--mse-only", action="store_true", help="(internal) time mse alone, print JSON rows")
     args = parser.parse_args()
+    if args.mse_only:
+        time_mse_only()
+        return
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     out = {
@@ -117,7 +130,10 @@ def main() -> None:
             scale_method, weighted = split_method(method)
             wts = weights if weighted else None
             check_bytes(copies[0], method, wts)
-            ms = median_ms(rotating(copies, lambda w, m=scale_method, ws=wts: quantize_triton(w, 32, m, ws)))
+            opts = launch_options(method)
+            ms = median_ms(
+                rotating(copies, lambda w, m=scale_method, ws=wts, o=opts: quantize_triton(w, 32, m, ws, **o))
+            )
             row[f"{method}_ms"] = ms
             row[f"{method}_GB/s"] = nbytes / ms / 1e6
         for method in ("naive", "mse"):
@@ -133,23 +149,49 @@ def main() -> None:
         del copies
         torch.cuda.empty_cache()
 
+    plain = subprocess.run(
+        [sys.executable, __file__, "--mse-only"],
+        env={**os.environ, "QWANTIZE_HF_NO_INLINE_PTX": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    plain_ms = json.loads(plain.stdout.strip().splitlines()[-1])
+    for row in out["results"]:
+        n, k = row["shape"]
+        row["mse-plain_ms"] = plain_ms[f"{n}x{k}"]
+        row["mse-plain_GB/s"] = effective_bytes(n, k) / row["mse-plain_ms"] / 1e6
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_quantize.json"), "w") as f:
         json.dump(out, f, indent=1)
     print_table(out)
 
 
+def time_mse_only() -> None:
+    """The mse kernel alone on every shape (byte-checked first); one JSON line {shape: ms}."""
+    result = {}
+    for n, k in SHAPES:
+        copies = [
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ROTATE_BYTES // (n * k * 2)))
+        ]
+        check_bytes(copies[0], "mse", None)
+        result[f"{n}x{k}"] = median_ms(rotating(copies, lambda w: quantize_triton(w, 32, "mse")))
+        del copies
+        torch.cuda.empty_cache()
+    print(json.dumps(result), flush=True)
+
+
 def print_table(out: dict) -> None:
     print(f"\n{out['device']} ({out['sms']} SMs), torch {out['torch']}, triton {out['triton']}")
     print("effective GB/s = (bf16 read + packed + scales written) / median time; ratio vs a bf16 copy")
-    header = "| shape | copy GB/s | " + " | ".join(f"{m} GB/s (×copy)" for m in METHODS)
+    header = "| shape | copy GB/s | " + " | ".join(f"{m} GB/s (×copy)" for m in [*METHODS, "mse-plain"])
     header += " | torch mse ms (× slower than kernel) | per-block naive GB/s (kernel naive ×) |"
     print(header)
-    print("|" + "---|" * (4 + len(METHODS)))
+    print("|" + "---|" * (5 + len(METHODS)))
     for row in out["results"]:
         n, k = row["shape"]
         cells = [f"{n}×{k}", f"{row['copy_GB/s']:.0f}"]
-        for m in METHODS:
+        for m in [*METHODS, "mse-plain"]:
             cells.append(f"{row[f'{m}_GB/s']:.0f} ({row[f'{m}_GB/s'] / row['copy_GB/s']:.2f})")
         cells.append(f"{row['torch_mse_ms']:.3f} ({row['torch_mse_ms'] / row['mse_ms']:.1f}×)")
         speedup = row["naive_GB/s"] / row["per_block_naive_GB/s"]

@@ -129,3 +129,94 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.zeros(1))
     assert resolve_backend("auto", torch.zeros(1)) == "torch"
+
+
+# --------------------------------------------------------------------------- the half search's edges
+#
+# For bf16/fp16 input the mse search rounds in float16 (quantize_triton's half_search).
+# These blocks put every representable a = |x| / s_min of the input dtype from 2**-3 to
+# 16 (every tie of every candidate grid, a just above 0.25, a just below 16 and the
+# saturation above 6·2**J among them) under a block max that fixes s_min.
+
+
+def every_a_value(dtype: torch.dtype) -> torch.Tensor:
+    """Every value of ``dtype`` in [2**-3, 16): all a the half search sees near its edges (float64)."""
+    mant = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    steps = torch.arange(2**mant, dtype=torch.float64) / 2**mant
+    return torch.cat([(1 + steps) * 2.0**exponent for exponent in range(-3, 4)])
+
+
+def half_search_blocks(dtype: torch.dtype, s_min_exponent: int, seed: int) -> torch.Tensor:
+    """Blocks of 32: a block max with a in [8, 16) (so s_min = 2**s_min_exponent) then 31 a
+    values taken in turn from every_a_value, shuffled, with random signs; ``[rows, 32 * 8]``."""
+    gen = torch.Generator().manual_seed(seed)
+    values = every_a_value(dtype)
+    values = values[torch.randperm(len(values), generator=gen)]
+    n_blocks = -(-len(values) // 31)
+    n_blocks += -n_blocks % 8  # whole rows of 8 blocks
+    fill = values[torch.randint(0, len(values), (n_blocks * 31 - len(values),), generator=gen)]
+    body = torch.cat([values, fill]).reshape(n_blocks, 31)
+    top = 8.0 + 8.0 * torch.rand(n_blocks, 1, generator=gen, dtype=torch.float64)
+    # In some blocks the smallest scale wins: max a = 8 (saturated to 6 on that grid),
+    # half the rest just above 0.5 (on its grid; ties to 0 on the next), the others below 7.
+    small = torch.rand(n_blocks, generator=gen) < 0.3
+    body[small, :16] = 0.5 + body[small, :16] % 0.0625
+    body[small, 16:] = body[small, 16:] % 7
+    top[small] = 8.0
+    blocks = torch.cat([top, body], dim=1)
+    signs = torch.where(torch.rand(blocks.shape, generator=gen) < 0.5, -1.0, 1.0).double()
+    x = (blocks * signs * 2.0**s_min_exponent).to(dtype)
+    return x.reshape(n_blocks // 8, 8 * 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_search_matches_twin_on_every_a(dtype):
+    exponents = [-100, 0, 100] if dtype == torch.bfloat16 else [-8, 0, 8]
+    chosen_seen = set()
+    for i, exponent in enumerate(exponents):
+        x = half_search_blocks(dtype, exponent, seed=40 + i)
+        assert_same_quantization(x, 32, "mse", blocks_per_prog=32, num_warps=1, half_search=True)
+        # the twin's choice relative to s_min: every candidate grid must be exercised
+        _, scales = quantize_blocks_torch(x, 32, "mse")
+        chosen_seen |= set((scales.to(torch.int32) - (exponent + 127)).unique().tolist())
+    assert chosen_seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_search_weighted_matches_twin_on_every_a(dtype):
+    x = half_search_blocks(dtype, 0, seed=50)
+    weights = normalize_mse_weights(random_weights(x.shape[-1], 51), x.shape[-1], torch.device("cpu"))
+    assert_same_quantization(x, 32, "mse", weights, blocks_per_prog=32, num_warps=1, half_search=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [32, 16])
+def test_half_search_on_and_off_give_the_same_bytes(dtype, block_size):
+    # the A/B switch of the benchmark: both paths equal the twin on the adversarial blocks
+    x = adversarial(6, 8 * block_size, block_size, dtype, seed=60)
+    for half_search in (True, False):
+        assert_same_quantization(x, block_size, "mse", blocks_per_prog=32, num_warps=1, half_search=half_search)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_half_search_nonfinite_and_tiny_blocks(dtype):
+    x = torch.randn(4, 128).to(dtype)
+    x[0, 5], x[1, 40], x[2, 100] = float("nan"), float("inf"), float("-inf")
+    x[3, :32] = x[3, :32] * torch.finfo(dtype).tiny / 64  # subnormal block: e0 = 0 for bf16
+    x[3, 32:64] = torch.finfo(dtype).max * torch.linspace(-1, 1, 32).to(dtype)  # near the dtype's max
+    assert_same_quantization(x, 32, "mse", blocks_per_prog=32, num_warps=1, half_search=True)
+
+
+def test_half_search_refuses_a_launch_that_splits_blocks_over_threads():
+    x = torch.zeros(4, 256, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="blocks_per_prog >= 32 \\* num_warps"):
+        quantize_triton(x, 32, "mse", blocks_per_prog=8, num_warps=2, half_search=True)
+    # left to choose, such a launch takes the float32 search (same bytes)
+    assert_same_quantization(x.cpu(), 32, "mse", blocks_per_prog=8, num_warps=2)
+
+
+def test_half_search_refuses_float32():
+    with pytest.raises(ValueError, match="half_search"):
+        quantize_triton(torch.zeros(1, 32, device=KERNEL_DEVICE), 32, "mse", half_search=True)

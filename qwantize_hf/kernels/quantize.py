@@ -6,9 +6,21 @@ in the same order (see the ``format`` module docstring) and is launched with
 floating-point contraction off (an FMA would round differently). Each program
 handles BLOCKS_PER_PROG blocks; it writes packed codes and scale bytes straight
 to their outputs, with no float intermediate in global memory.
+
+For bf16 and fp16 input the mse search (and its code emission) can run in packed
+float16, two elements per instruction (``half_search``; the default for those
+dtypes). It computes the same float32 values: a = |x| / s_min has at most 11
+significant bits, so it is exact in float16; the grid rounding, d = a - r and the
+saturation are exact or the one round-to-nearest-even the float32 path does; only
+d * d and the sums are float32, as before. On the GPU those float16 operations are
+inline PTX on element pairs (2i, 2i+1): left to LLVM, its vectorizer pairs elements
+of different groups and the kernel spends more on shuffling halves than it saves.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import triton
@@ -48,6 +60,52 @@ _MAGIC_CODE_BASE: tl.constexpr = tl.constexpr(
 )
 _MANT_MASK: tl.constexpr = tl.constexpr((1 << C.F32_MANTISSA_BITS) - 1)
 _MAG_MAX: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK)  # index of 6.0
+# The half search (float16, bf16/fp16 input). float16 has 10 mantissa bits, so the
+# rounding magic for grid spacing 2**(M - 1) is 2**(M + 9) = 2**M * 2**9.
+_F16 = torch.finfo(torch.float16)
+_F16_MANTISSA_BITS = round(-math.log2(_F16.eps))  # 10
+_F16_EXP_BIAS = 1 - round(math.log2(_F16.tiny))  # 15
+_F16_EXP_MASK = (1 << (_F16.bits - 1 - _F16_MANTISSA_BITS)) - 1
+
+
+def _f16_bits(value: float) -> int:
+    """The float16 bit pattern of ``value`` as an unsigned 16-bit int."""
+    return int(torch.tensor(value, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+
+
+_H_MANT: tl.constexpr = tl.constexpr(_F16_MANTISSA_BITS)
+_H_BIAS: tl.constexpr = tl.constexpr(_F16_EXP_BIAS)
+_H_EXP_ONE: tl.constexpr = tl.constexpr(1 << _F16_MANTISSA_BITS)  # one step of the float16 exponent field
+_H_EXP_FIELD_MASK: tl.constexpr = tl.constexpr(_F16_EXP_MASK << _F16_MANTISSA_BITS)
+_H_MAGIC_SCALE: tl.constexpr = tl.constexpr(_f16_bits(2.0 ** (_F16_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)))
+_H_NEG_MAGIC_SCALE: tl.constexpr = tl.constexpr(_f16_bits(-(2.0 ** (_F16_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS))))
+# float16 bits of 6 * 2**c are _H_SIX_BITS + c * _H_EXP_ONE
+_H_SIX_BITS: tl.constexpr = tl.constexpr(_f16_bits(C.F4_E2M1_MAX))
+_H_FOUR_BITS: tl.constexpr = tl.constexpr(_f16_bits(4.0))
+# 4 * z - 4 * 2**9 with z = a + 2**9 (a < 1): 0 exactly when a <= 0.25 (rounded to 0)
+_H_DROP_BITS: tl.constexpr = tl.constexpr(_f16_bits(-4.0 * 2.0 ** (_F16_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)))
+# 1028 = 2**10 + 4: float16's last place is 1 there; the 4 makes room to subtract ±4 for the sign
+_H_INDEX_BASE_BITS: tl.constexpr = tl.constexpr(_f16_bits(2.0**_F16_MANTISSA_BITS + 4))
+_F16_SIGN_BIT: tl.constexpr = tl.constexpr(1 << (_F16.bits - 1))
+_F16_SIGN_TO_F32: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT + 1 - _F16.bits)  # float32 sign → bit 15
+_CODE_MASK: tl.constexpr = tl.constexpr(C.F4_NIBBLE_MASK)
+# the two lop3s of the code emission (LUT 0xea: (a & b) | c; 0xe4: (a & c) | (b & ~c))
+_SIGNED_FOUR_ASM: tl.constexpr = tl.constexpr(
+    f"lop3.b32 $0, $1, {(1 << (_F16.bits - 1)) * 0x10001:#x}, {_f16_bits(4.0) * 0x10001:#x}, 0xea;"
+)
+_CODE_PAIR_ASM: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 t; "
+    f"shr.b32 t, $1, {_F16.bits - C.F4_NIBBLE_BITS}; lop3.b32 $0, $1, t, {C.F4_NIBBLE_MASK:#x}, 0xe4; }}"
+)
+# Inline PTX for the packed float16 operations, except under TRITON_INTERPRET=1 (the
+# interpreter cannot run PTX; it runs the same operations as plain tl ops) or when
+# QWANTIZE_HF_NO_INLINE_PTX=1 (same bytes, slower: LLVM pairs the wrong elements into
+# f16x2 registers; eval/bench_quantize.py times both). Read at import, as triton.jit
+# reads TRITON_INTERPRET to choose the interpreter for this module's kernels.
+_THREADS_PER_WARP = 32
+_PACKED_ASM: tl.constexpr = tl.constexpr(
+    os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
+)
 
 
 @triton.jit
@@ -117,9 +175,7 @@ def _candidate_terms(a, magic_floor_bits, w, J: tl.constexpr, LARGEST: tl.conste
 
 
 @triton.jit
-def _group_candidate_sums(
-    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr
-):
+def _group_candidate_sums(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
     """One group's error sums under scales s_min, 2·s_min, 4·s_min (three [ROWS]), and
     the group's a and magic floor bits, from which its codes are made once a scale is chosen."""
     a = (bits & _ABS_MASK).to(tl.float32, bitcast=True) * f_min[:, None]
@@ -133,6 +189,184 @@ def _group_candidate_sums(
     err_mid = _group_sum(_candidate_terms(a, magic_floor_bits, w, 1, _E2M1_MAX * 2, HAS_WEIGHTS), ROWS)
     err_hi = _group_sum(_candidate_terms(a, magic_floor_bits, w, 2, _E2M1_MAX * 4, HAS_WEIGHTS), ROWS)
     return err_lo, err_mid, err_hi, a, magic_floor_bits
+
+
+@triton.jit
+def _h2(op: tl.constexpr, x, y):
+    """Packed float16 binary op ("min", "max" or "sub") on element pairs 2i, 2i+1."""
+    if _PACKED_ASM:
+        # sub with .rn: never contracted into an fma
+        instruction: tl.constexpr = "sub.rn" if op == "sub" else op
+        out = tl.inline_asm_elementwise(
+            instruction + ".f16x2 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float16, is_pure=True, pack=2
+        )
+    elif op == "min":
+        out = tl.minimum(x, y)
+    elif op == "max":
+        out = tl.maximum(x, y)
+    else:
+        out = x - y
+    return out
+
+
+@triton.jit
+def _hfma(x, y, z):
+    if _PACKED_ASM:
+        out = tl.inline_asm_elementwise(
+            "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [x, y, z], dtype=tl.float16, is_pure=True, pack=2
+        )
+    else:
+        out = tl.fma(x, y, z)
+    return out
+
+
+@triton.jit
+def _signed_four(sign_bits):
+    """float16 -4.0 where bit 15 of the int16 ``sign_bits`` is set, else 4.0."""
+    if _PACKED_ASM:
+        # (x & sign bit) | bits of 4.0 on both halves in one lop3
+        out = tl.inline_asm_elementwise(
+            _SIGNED_FOUR_ASM,
+            "=r,r",
+            [sign_bits],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=2,
+        )
+    else:
+        out = ((sign_bits.to(tl.int32) & _F16_SIGN_BIT) | _H_FOUR_BITS).to(tl.int16).to(tl.float16, bitcast=True)
+    return out
+
+
+@triton.jit
+def _pack_code_pairs(biased_codes, ROWS: tl.constexpr):
+    """float16 1024 + code per element, [ROWS, 8] → bytes code(2i) | code(2i+1) << 4, [ROWS, 4] int32
+    (on the GPU path only the low 8 bits are the byte; the store keeps just those)."""
+    if _PACKED_ASM:
+        # low byte: the low half's code | (the high half's code, shifted down 12) & 0xF0
+        both = tl.inline_asm_elementwise(
+            _CODE_PAIR_ASM,
+            "=r,r",
+            [biased_codes],
+            dtype=tl.int16,
+            is_pure=True,
+            pack=2,
+        )
+        packed, _ = tl.split(tl.reshape(both, [ROWS, _GROUP // 2, 2]))
+        out = packed.to(tl.int32)
+    else:
+        codes = biased_codes.to(tl.int16, bitcast=True).to(tl.int32) & _CODE_MASK
+        low, high = tl.split(tl.reshape(codes, [ROWS, _GROUP // 2, 2]))
+        out = low | (high << _NIBBLE)
+    return out
+
+
+@triton.jit
+def _f16_of_bits(bits):
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _f16_full(like, bits: tl.constexpr):
+    """A float16 tensor shaped like ``like`` filled with the float16 of ``bits``."""
+    return tl.full(like.shape, bits, tl.int32).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _half_rounded(a, power_floor, J: tl.constexpr):
+    """a rounded onto the grid of scale 2**J (units of s_min), in float16, before saturation,
+    and z = a + magic (z - 2**9 is >= a for a > 0.25, and 0 for a <= 0.25 when J = 0).
+
+    The magic 2**(max(E, J) + 9) (power_floor = 2**E, E the exponent of a) leaves
+    float16's last place at the grid spacing 2**(max(E, J) - 1), the float32 path's
+    spacing, so r is the same round-to-nearest-even. Both fmas are exact but for
+    the one rounding that makes z: their products are powers of two times a power of two.
+    """
+    power = _h2("max", power_floor, _f16_full(a, (_H_BIAS + J) << _H_MANT))
+    z = _hfma(power, _f16_full(a, _H_MAGIC_SCALE), a)
+    r = _hfma(power, _f16_full(a, _H_NEG_MAGIC_SCALE), z)
+    return r, z
+
+
+@triton.jit
+def _half_error_sum(kept, r, w, J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
+    """One group's squared error (float32, the twin's pairwise tree) of the kept a against r,
+    saturated at the grid's top 6 * 2**J (a < 16 never reaches the top of the 4·s_min
+    grid, 24, so J = 2 skips it).
+
+    d = kept - r is exact in float16 (r/2 <= a <= 2r when r != 0, or a saturated d below
+    16 on a's last place) and d * d, at most 22 bits, is exact in float32. So without
+    weights the tree's first level, d0*d0 + d1*d1 rounded once, is one fma.
+    """
+    if J < 2:
+        r = _h2("min", r, _f16_full(r, _H_SIX_BITS + _H_EXP_ONE * J))
+    d_even, d_odd = tl.split(tl.reshape(_h2("sub", kept, r), [ROWS, _GROUP // 2, 2]))
+    d_even = d_even.to(tl.float32)
+    d_odd = d_odd.to(tl.float32)
+    if HAS_WEIGHTS:
+        w_even, w_odd = tl.split(tl.reshape(w, [ROWS, _GROUP // 2, 2]))
+        pairs = d_even * d_even * w_even + d_odd * d_odd * w_odd
+    else:
+        pairs = tl.fma(d_even, d_even, d_odd * d_odd)
+    pairs = _halve(pairs, ROWS, _GROUP // 2)
+    pairs = _halve(pairs, ROWS, 2)
+    return tl.reshape(pairs, [ROWS])
+
+
+@triton.jit
+def _group_candidate_sums_half(
+    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr
+):
+    """_group_candidate_sums with the rounding in float16, two elements to an instruction.
+
+    a is exact in float16: a bf16/fp16 input has at most 11 significant bits, and every
+    counted a is in (0.25, 16), a normal float16. Returns the sums and a (float16).
+    """
+    a32 = (bits & _ABS_MASK).to(tl.float32, bitcast=True) * f_min[:, None]
+    # a < 2**-14 rounds (to at most 2**-14) but is left out below like every a <= 0.25
+    a = a32.to(tl.float16)
+    # 2**E, E the exponent of a: a with its mantissa cleared (0 for a below 2**-14)
+    power_floor = (a.to(tl.int16, bitcast=True) & _H_EXP_FIELD_MASK).to(tl.float16, bitcast=True)
+    w = 0.0
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + feature[:, None] + tl.arange(0, _GROUP)[None, :], mask=in_range[:, None], other=0.0)
+    r_lo, z_lo = _half_rounded(a, power_floor, 0)
+    # Elements at or below 0.25·s_min round to zero under every candidate: left out.
+    # For them z_lo is exactly 2**9; above, 4 * (z_lo - 2**9) >= 4 * r_lo > a.
+    kept = _h2("min", a, _hfma(z_lo, _f16_full(a, _H_FOUR_BITS), _f16_full(a, _H_DROP_BITS)))
+    err_lo = _half_error_sum(kept, r_lo, w, 0, HAS_WEIGHTS, ROWS)
+    r_mid, _ = _half_rounded(a, power_floor, 1)
+    err_mid = _half_error_sum(kept, r_mid, w, 1, HAS_WEIGHTS, ROWS)
+    r_hi, _ = _half_rounded(a, power_floor, 2)
+    err_hi = _half_error_sum(kept, r_hi, w, 2, HAS_WEIGHTS, ROWS)
+    return err_lo, err_mid, err_hi, a, a
+
+
+@triton.jit
+def _group_packed_from_half(bits, a, chosen, nonfinite, ROWS: tl.constexpr):
+    """Codes of one group at the chosen grid 2**chosen * s_min, from the half search's a.
+
+    With v = min(a, 6 * 2**chosen) / 2**chosen, the E2M1 index is 2v rounded below 2,
+    v rounded + 2 on [2, 4) and v/2 rounded + 4 on [4, 6], each rounding to the
+    nearest integer, ties to even (the twin's ties); on each range its own formula is
+    the least of the three, so the index is their minimum. Each is one fma (the product
+    is exact) whose sum lands in [1024, 2048), where float16's last place is 1: 1028 +
+    the index. Subtracting ±4 (the element's sign) gives 1024 + the code, whose low
+    four bits are the code.
+    """
+    zeros = tl.zeros_like(a)
+    q = _h2("min", a, zeros + _f16_of_bits((chosen << _H_MANT) + _H_SIX_BITS)[:, None])
+    k1_bits = (_H_BIAS << _H_MANT) + (chosen << _H_MANT) * -1  # 2**-chosen
+    k0 = zeros + _f16_of_bits(k1_bits + _H_EXP_ONE)[:, None]
+    k1 = zeros + _f16_of_bits(k1_bits)[:, None]
+    k2 = zeros + _f16_of_bits(k1_bits - _H_EXP_ONE)[:, None]
+    index = _h2(
+        "min",
+        _h2("min", _hfma(q, k0, _f16_full(a, _H_INDEX_BASE_BITS)), _hfma(q, k1, _f16_full(a, _H_INDEX_BASE_BITS + 2))),
+        _hfma(q, k2, _f16_full(a, _H_INDEX_BASE_BITS + 4)),
+    )
+    sign_four = _signed_four((bits >> _F16_SIGN_TO_F32).to(tl.int16))
+    return tl.where(nonfinite[:, None], 0, _pack_code_pairs(_h2("sub", index, sign_four), ROWS))
 
 
 @triton.jit
@@ -168,6 +402,26 @@ def _group_packed_from_a(bits, a, magic_floor_bits, chosen, nonfinite, ROWS: tl.
 
 
 @triton.jit
+def _group_search(
+    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr
+):
+    if HALF:
+        out = _group_candidate_sums_half(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, ROWS)
+    else:
+        out = _group_candidate_sums(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, ROWS)
+    return out
+
+
+@triton.jit
+def _group_codes(bits, a, magic_floor, chosen, nonfinite, ROWS: tl.constexpr, HALF: tl.constexpr):
+    if HALF:
+        out = _group_packed_from_half(bits, a, chosen, nonfinite, ROWS)
+    else:
+        out = _group_packed_from_a(bits, a, magic_floor, chosen, nonfinite, ROWS)
+    return out
+
+
+@triton.jit
 def _store_group(packed_ptr, blocks, in_range, packed, G: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     cols = G * (_GROUP // 2) + tl.arange(0, _GROUP // 2)
     ptrs = packed_ptr + blocks[:, None] * (BLOCK_SIZE // 2) + cols[None, :]
@@ -186,6 +440,7 @@ def _quantize_kernel(
     BLOCKS_PER_PROG: tl.constexpr,
     METHOD: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blocks = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
@@ -209,20 +464,20 @@ def _quantize_kernel(
         has_minus = e0 > 0
         f_min = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, tl.maximum(e0 - 1, 0)))
         feature = (blocks % blocks_per_row) * BLOCK_SIZE
-        lo0, mid0, hi0, a0, m0 = _group_candidate_sums(
-            bits0, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+        lo0, mid0, hi0, a0, m0 = _group_search(
+            bits0, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
         )
-        lo1, mid1, hi1, a1, m1 = _group_candidate_sums(
-            bits1, f_min, weights_ptr, feature + _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+        lo1, mid1, hi1, a1, m1 = _group_search(
+            bits1, f_min, weights_ptr, feature + _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
         )
         # the last levels of the pairwise tree: (g0 + g1) + (g2 + g3)
         err_lo, err_mid, err_hi = lo0 + lo1, mid0 + mid1, hi0 + hi1
         if BLOCK_SIZE == 32:
-            lo2, mid2, hi2, a2, m2 = _group_candidate_sums(
-                bits2, f_min, weights_ptr, feature + 2 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+            lo2, mid2, hi2, a2, m2 = _group_search(
+                bits2, f_min, weights_ptr, feature + 2 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
             )
-            lo3, mid3, hi3, a3, m3 = _group_candidate_sums(
-                bits3, f_min, weights_ptr, feature + 3 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG
+            lo3, mid3, hi3, a3, m3 = _group_search(
+                bits3, f_min, weights_ptr, feature + 3 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
             )
             err_lo, err_mid, err_hi = err_lo + (lo2 + lo3), err_mid + (mid2 + mid3), err_hi + (hi2 + hi3)
         err_minus = tl.where(has_minus, err_lo, float("inf"))
@@ -234,21 +489,37 @@ def _quantize_kernel(
         e = tl.where(keep, e0, tl.where(up, e0 + 1, e0 - 1))
         chosen = e - tl.maximum(e0 - 1, 0)
         _store_group(
-            packed_ptr, blocks, in_range, _group_packed_from_a(bits0, a0, m0, chosen, nonfinite, BLOCKS_PER_PROG), 0,
+            packed_ptr,
+            blocks,
+            in_range,
+            _group_codes(bits0, a0, m0, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
+            0,
             BLOCK_SIZE,
         )
         _store_group(
-            packed_ptr, blocks, in_range, _group_packed_from_a(bits1, a1, m1, chosen, nonfinite, BLOCKS_PER_PROG), 1,
+            packed_ptr,
+            blocks,
+            in_range,
+            _group_codes(bits1, a1, m1, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
+            1,
             BLOCK_SIZE,
         )
         if BLOCK_SIZE == 32:
             _store_group(
-                packed_ptr, blocks, in_range, _group_packed_from_a(bits2, a2, m2, chosen, nonfinite, BLOCKS_PER_PROG),
-                2, BLOCK_SIZE,
+                packed_ptr,
+                blocks,
+                in_range,
+                _group_codes(bits2, a2, m2, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
+                2,
+                BLOCK_SIZE,
             )
             _store_group(
-                packed_ptr, blocks, in_range, _group_packed_from_a(bits3, a3, m3, chosen, nonfinite, BLOCKS_PER_PROG),
-                3, BLOCK_SIZE,
+                packed_ptr,
+                blocks,
+                in_range,
+                _group_codes(bits3, a3, m3, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
+                3,
+                BLOCK_SIZE,
             )
         tl.store(scales_ptr + blocks, tl.where(nonfinite, _E8M0_NAN, e).to(tl.uint8), mask=in_range)
         return
@@ -273,20 +544,40 @@ def quantize_triton(
     weights: torch.Tensor | None = None,
     blocks_per_prog: int | None = None,
     num_warps: int | None = None,
+    half_search: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel on a contiguous ``w`` (checked by the caller); same contract as the twin."""
-    k = w.shape[-1]
-    packed = torch.empty(*w.shape[:-1], k // C.F4_CODES_PER_BYTE, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(*w.shape[:-1], k // block_size, dtype=torch.uint8, device=w.device)
-    n_blocks = w.numel() // block_size
-    if n_blocks == 0:
-        return packed, scales
+    """Launch the kernel on a contiguous ``w`` (checked by the caller); same contract as the twin.
+
+    ``half_search`` runs the mse search's rounding in packed float16, which gives the
+    same bytes for bf16/fp16 input and issues fewer instructions; None turns it on for
+    those dtypes where the launch allows it. float32 input has up to 24 significant
+    bits, not exact in float16. Its inline PTX works on elements 2i and 2i+1 of one
+    thread's registers, which holds only when every thread owns a whole block: at
+    least 32 * num_warps blocks per program (with fewer, Triton spreads a block's
+    elements over threads and the bytes came out wrong on the H100).
+    """
     # Measured on an H100 (eval/bench_quantize.py --sweep): the mse search is
     # arithmetic-bound and likes 2 warps over 64 blocks; naive/even are memory-bound.
     if blocks_per_prog is None:
         blocks_per_prog = 64 if scale_method == "mse" else 128
     if num_warps is None:
         num_warps = 2 if scale_method == "mse" else 4
+    whole_blocks_per_thread = blocks_per_prog >= _THREADS_PER_WARP * num_warps
+    if half_search is None:
+        half_search = w.dtype in (torch.bfloat16, torch.float16) and whole_blocks_per_thread
+    if half_search and w.dtype == torch.float32:
+        raise ValueError("half_search needs bfloat16 or float16 input; float32 has too many bits for float16")
+    if half_search and not whole_blocks_per_thread:
+        raise ValueError(
+            f"half_search needs blocks_per_prog >= 32 * num_warps (got {blocks_per_prog} blocks, {num_warps} warps): "
+            "each thread must own whole blocks; pass more blocks per program or fewer warps"
+        )
+    k = w.shape[-1]
+    packed = torch.empty(*w.shape[:-1], k // C.F4_CODES_PER_BYTE, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(*w.shape[:-1], k // block_size, dtype=torch.uint8, device=w.device)
+    n_blocks = w.numel() // block_size
+    if n_blocks == 0:
+        return packed, scales
     grid = (triton.cdiv(n_blocks, blocks_per_prog),)
     _quantize_kernel[grid](
         w,
@@ -299,6 +590,7 @@ def quantize_triton(
         BLOCKS_PER_PROG=blocks_per_prog,
         METHOD=METHOD_IDS[scale_method],
         HAS_WEIGHTS=weights is not None,
+        HALF=half_search and scale_method == "mse",
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
