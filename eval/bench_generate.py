@@ -9,6 +9,9 @@ unless ``--no-compile``), prefill time for a 2k-token prompt, weight bytes
 and peak GPU memory. The embeddings and ``lm_head`` stay bf16 in both runs.
 
     python eval/bench_generate.py --model 8b --out eval/results/bench_generate_h100.md
+
+Compiling the 8B decode step takes minutes per weight format and batch size; ``--only
+bf16`` / ``--only mxfp4`` measure one format per process (the table then has its row alone).
 """
 
 from __future__ import annotations
@@ -53,7 +56,31 @@ def sync_time(fn) -> float:
     return time.perf_counter() - start
 
 
+def profile_decode(model, ids, kwargs) -> None:
+    """Print the GPU kernels of one decode step by total time, from torch.profiler."""
+    one = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+    tokens = kwargs["max_new_tokens"] - 1  # the same cache length as the timed run: no recompilation
+    tables = []
+    for run_kwargs in (one, kwargs):
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, **run_kwargs)
+            torch.cuda.synchronize()
+        tables.append({e.key: (e.device_time_total, e.count) for e in prof.key_averages()})
+    # The prefill and first token appear in both runs: the difference is the decode steps.
+    rows = []
+    for name, (total, count) in tables[1].items():
+        base_total, base_count = tables[0].get(name, (0.0, 0))
+        if count > base_count:
+            rows.append(((total - base_total) / tokens, (count - base_count) / tokens, name))
+    rows.sort(reverse=True)
+    step = sum(r[0] for r in rows)
+    print(f"GPU kernel time per decode step: {step:.0f} us, top kernels (us per step, calls per step):")
+    for us, calls, name in rows[:15]:
+        print(f"  {us:8.1f} us  {calls:6.1f}  {name[:110]}")
+
+
 def measure(model, label: str, args) -> dict:
+    t_start = time.perf_counter()
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = {"label": label, "weights_gb": weight_bytes(model) / 1e9, "decoder_gb": decoder_weight_bytes(model) / 1e9}
@@ -80,10 +107,14 @@ def measure(model, label: str, args) -> dict:
             full = sync_time(lambda ids=ids, kwargs=kwargs: model.generate(ids, **kwargs))
         # Subtract the prefill-and-first-token time so the rate is decode steps alone.
         results[f"tok_s_b{batch}"] = batch * (args.new_tokens - 1) / (full - short)
+    if args.profile:
+        profile_decode(model, ids, kwargs)
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         model.generate(torch.randint(0, vocab, (max(args.batches), args.prompt_tokens), device="cuda"), **kwargs)
     results["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    results["wall_s"] = time.perf_counter() - t_start
+    print(results, flush=True)  # a run stopped by a time limit still shows the formats it finished
     return results
 
 
@@ -95,6 +126,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of a decode step (last batch)")
+    parser.add_argument("--only", choices=("bf16", "mxfp4"), default=None, help="measure one weight format")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -110,16 +143,16 @@ def main() -> None:
     # With a static cache, generate() compiles the decode step itself (fullgraph, CUDA graphs).
     model.generation_config.disable_compile = args.no_compile
 
-    rows = [measure(model, "bf16", args)]
-    n_quantized = quantize_decoder_linears(model)
-    # Drop the bf16 compiled step (and the weights its CUDA graphs keep alive) before measuring again.
-    model.__dict__.pop("_compiled_call", None)
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    rows.append(measure(model, "mxfp4 (fused kernel)", args))
-
-    base, quant = rows
+    rows = [] if args.only == "mxfp4" else [measure(model, "bf16", args)]
+    n_quantized = 0
+    if args.only != "bf16":
+        n_quantized = quantize_decoder_linears(model)
+        # Drop the bf16 compiled step (and the weights its CUDA graphs keep alive) before measuring again.
+        model.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(measure(model, "mxfp4 (fused kernel)", args))
     lines = [
         f"model: Llama-{args.model} shapes from config (random weights), {n_quantized} decoder Linears quantized; "
         f"device {torch.cuda.get_device_name()}; torch {torch.__version__}",
@@ -138,12 +171,14 @@ def main() -> None:
             + " | ".join(f"{r[f'tok_s_b{b}']:.1f}" for b in args.batches)
             + f" | {r['peak_gb']:.2f} |"
         )
-    lines.append(
-        f"| ratio mxfp4/bf16 | {quant['weights_gb'] / base['weights_gb']:.3f} | "
-        f"{quant['decoder_gb'] / base['decoder_gb']:.3f} | {quant['prefill_ms'] / base['prefill_ms']:.2f} | "
-        + " | ".join(f"{quant[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}" for b in args.batches)
-        + f" | {quant['peak_gb'] / base['peak_gb']:.2f} |"
-    )
+    if len(rows) == 2:
+        base, quant = rows
+        lines.append(
+            f"| ratio mxfp4/bf16 | {quant['weights_gb'] / base['weights_gb']:.3f} | "
+            f"{quant['decoder_gb'] / base['decoder_gb']:.3f} | {quant['prefill_ms'] / base['prefill_ms']:.2f} | "
+            + " | ".join(f"{quant[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}" for b in args.batches)
+            + f" | {quant['peak_gb'] / base['peak_gb']:.2f} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.out:

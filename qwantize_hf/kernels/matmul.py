@@ -425,7 +425,12 @@ def split_k_workspace(
     max_split = max(cfg.kwargs["SPLIT_K"] for cfg in configs)
     most_tiles = max(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
     partial = torch.empty(max_split * m * n if max_split > 1 else 1, dtype=torch.float32, device=device)
-    counters = torch.zeros(most_tiles if max_split > 1 else 1, dtype=torch.int32, device=device)
+    # A split-1 launch never reads its counters: no memset for them (one kernel launch less a call).
+    counters = (
+        torch.zeros(most_tiles, dtype=torch.int32, device=device)
+        if max_split > 1
+        else torch.empty(1, dtype=torch.int32, device=device)
+    )
     return partial, counters
 
 
