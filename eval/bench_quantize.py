@@ -39,6 +39,11 @@ def effective_bytes(n: int, k: int) -> int:
     return n * k * 2 + n * k // 2 + n * k // 32
 
 
+def input_copies(n: int, k: int) -> list[torch.Tensor]:
+    """Random bf16 [n, k] weights, enough copies to rotate over ROTATE_BYTES."""
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ROTATE_BYTES // (n * k * 2)))]
+
+
 def rotating(tensors, fn):
     state = {"i": 0}
 
@@ -118,8 +123,7 @@ def main() -> None:
     if args.sweep:
         sweep(out)
     for n, k in SHAPES:
-        copies_needed = max(1, ROTATE_BYTES // (n * k * 2))
-        copies = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_needed)]
+        copies = input_copies(n, k)
         weights = normalize_mse_weights(torch.rand(k, device="cuda") ** 4, k, torch.device("cuda"))
         nbytes = effective_bytes(n, k)
         row = {"shape": [n, k]}
@@ -171,9 +175,7 @@ def time_mse_only() -> None:
     """The mse kernel alone on every shape (byte-checked first); one JSON line {shape: ms}."""
     result = {}
     for n, k in SHAPES:
-        copies = [
-            torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ROTATE_BYTES // (n * k * 2)))
-        ]
+        copies = input_copies(n, k)
         check_bytes(copies[0], "mse", None)
         result[f"{n}x{k}"] = median_ms(rotating(copies, lambda w: quantize_triton(w, 32, "mse")))
         del copies

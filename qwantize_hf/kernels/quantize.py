@@ -81,17 +81,19 @@ _H_MAGIC_SCALE: tl.constexpr = tl.constexpr(_f16_bits(2.0 ** (_F16_MANTISSA_BITS
 _H_NEG_MAGIC_SCALE: tl.constexpr = tl.constexpr(_f16_bits(-(2.0 ** (_F16_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS))))
 # float16 bits of 6 * 2**c are _H_SIX_BITS + c * _H_EXP_ONE
 _H_SIX_BITS: tl.constexpr = tl.constexpr(_f16_bits(C.F4_E2M1_MAX))
-_H_FOUR_BITS: tl.constexpr = tl.constexpr(_f16_bits(4.0))
+_FOUR_BITS = _f16_bits(4.0)
+_H_FOUR_BITS: tl.constexpr = tl.constexpr(_FOUR_BITS)
 # 4 * z - 4 * 2**9 with z = a + 2**9 (a < 1): 0 exactly when a <= 0.25 (rounded to 0)
 _H_DROP_BITS: tl.constexpr = tl.constexpr(_f16_bits(-4.0 * 2.0 ** (_F16_MANTISSA_BITS - C.F4_E2M1_MANTISSA_BITS)))
 # 1028 = 2**10 + 4: float16's last place is 1 there; the 4 makes room to subtract ±4 for the sign
 _H_INDEX_BASE_BITS: tl.constexpr = tl.constexpr(_f16_bits(2.0**_F16_MANTISSA_BITS + 4))
-_F16_SIGN_BIT: tl.constexpr = tl.constexpr(1 << (_F16.bits - 1))
+_SIGN16 = 1 << (_F16.bits - 1)
+_F16_SIGN_BIT: tl.constexpr = tl.constexpr(_SIGN16)
 _F16_SIGN_TO_F32: tl.constexpr = tl.constexpr(C.F32_SIGN_SHIFT + 1 - _F16.bits)  # float32 sign → bit 15
 _CODE_MASK: tl.constexpr = tl.constexpr(C.F4_NIBBLE_MASK)
 # the two lop3s of the code emission (LUT 0xea: (a & b) | c; 0xe4: (a & c) | (b & ~c))
 _SIGNED_FOUR_ASM: tl.constexpr = tl.constexpr(
-    f"lop3.b32 $0, $1, {(1 << (_F16.bits - 1)) * 0x10001:#x}, {_f16_bits(4.0) * 0x10001:#x}, 0xea;"
+    f"lop3.b32 $0, $1, {_SIGN16 * 0x10001:#x}, {_FOUR_BITS * 0x10001:#x}, 0xea;"
 )
 _CODE_PAIR_ASM: tl.constexpr = tl.constexpr(
     "{ .reg .b32 t; "
