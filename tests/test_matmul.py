@@ -3,9 +3,9 @@
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py) on small shapes,
 one forced config at a time, so every code path (decode's permuted-K word path, the
-in-order word path, the byte path for fp16, split-K, the partial last K step) is covered
-on CPU. With a GPU the same tests run compiled, plus the autotuned dispatch, CUDA graphs
-and torch.compile on CUDA.
+in-order word path, the byte path for fp16, the CUDA-core kernel for one row, split-K,
+the partial last K step) is covered on CPU. With a GPU the same tests run compiled, plus
+the autotuned dispatch, CUDA graphs and torch.compile on CUDA.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.kernels import matmul as kmm
-from qwantize_hf.kernels.matmul import _config, mxfp4_matmul_triton
+from qwantize_hf.kernels.matmul import _config, _gemv_config, mxfp4_matmul_triton
 from qwantize_hf.matmul import _plain_eager_call, mxfp4_linear
 from tests.conftest import KERNEL_DEVICE
 
@@ -32,6 +32,9 @@ CPU_CONFIGS = {
     "prefill-words": _config(32, 32, 64, 1, False, True, False, 4, 1, group_n=2),
     "bytes-splitk": _config(32, 16, 64, 2, False, False, False, 4, 1, group_n=2),
     "bytes-w-as-a": _config(16, 32, 64, 1, True, False, False, 4, 1),
+    # The CUDA-core kernel (any M, though dispatch gives it M <= GEMV_MAX_M): 8 and 4 words a step.
+    "gemv": _gemv_config(16, 8, 1, 4, 1),
+    "gemv-splitk": _gemv_config(32, 4, 3, 4, 1),
 }
 # (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,
 # M not a power of two, fp16, block size 16.
@@ -81,20 +84,34 @@ def test_kernel_config_matches_reference(name, case):
 
 def test_repeated_split_k_calls():
     """Each split-K call sums its own partials: nothing left by one call leaks into the next."""
-    cfg = CPU_CONFIGS["decode-permuted-splitk"]
-    for seed in range(3):
-        x, packed, scales, bias = make_inputs(2, 33, 416, torch.bfloat16, True, 32, seed, KERNEL_DEVICE)
-        out = mxfp4_matmul_triton(x, packed, scales, bias, 32, config=cfg)
-        assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+    for cfg in (CPU_CONFIGS["decode-permuted-splitk"], CPU_CONFIGS["gemv-splitk"]):
+        for seed in range(3):
+            x, packed, scales, bias = make_inputs(2, 33, 416, torch.bfloat16, True, 32, seed, KERNEL_DEVICE)
+            out = mxfp4_matmul_triton(x, packed, scales, bias, 32, config=cfg)
+            assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
-@pytest.mark.parametrize("name", ["decode-permuted", "prefill-words", "bytes-splitk"])
+@pytest.mark.parametrize("name", ["decode-permuted", "prefill-words", "bytes-splitk", "gemv"])
 def test_nan_scale_gives_nan_rows(name):
     x, packed, scales, _ = make_inputs(4, 17, 128, torch.bfloat16, False, 32, seed=7, device=KERNEL_DEVICE)
     scales[5, 2] = E8M0_NAN
     out = mxfp4_matmul_triton(x, packed, scales, None, 32, config=CPU_CONFIGS[name]).cpu()
     assert torch.isnan(out[:, 5]).all()
     assert torch.isfinite(out[:, torch.arange(17) != 5]).all()
+
+
+@pytest.mark.parametrize("name", list(CPU_CONFIGS))
+def test_subnormal_codes_survive(name):
+    """Codes 0 and +-0.5 alone: +-0.5 is the code the kernels build as a subnormal float
+    (exponent field 0); a path that flushed subnormals would return zeros here."""
+    gen = torch.Generator().manual_seed(5)
+    nibbles = torch.tensor([0x0, 0x1, 0x9])[torch.randint(0, 3, (24, 64, 2), generator=gen)]
+    packed = (nibbles[..., 0] | (nibbles[..., 1] << 4)).to(torch.uint8)
+    scales = torch.randint(120, 135, (24, 4), generator=gen).to(torch.uint8)
+    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
+    x, packed, scales = (t.to(KERNEL_DEVICE) for t in (x, packed, scales))
+    out = mxfp4_matmul_triton(x, packed, scales, None, 32, config=CPU_CONFIGS[name])
+    assert rel_err(out, reference(x, packed, scales, None, 32)) < MAX_REL_ERR
 
 
 def test_op_matches_dequantize_then_linear_with_leading_dims():
@@ -193,6 +210,16 @@ def test_gpu_autotuned_choice_is_remembered_and_reused():
     again = mxfp4_matmul_triton(x, packed, scales, None, 32)  # launches the remembered config directly
     assert torch.equal(first, again)
     assert rel_err(again, reference(x, packed, scales, None, 32)) < MAX_REL_ERR
+
+
+@gpu
+def test_gpu_one_row_runs_the_cuda_core_kernel():
+    x, packed, scales, bias = make_inputs(1, 2048, 512, torch.bfloat16, True, 32, seed=17, device="cuda")
+    key = (1, 2048, 512, True, 32, torch.bfloat16, x.device)
+    kmm._CHOSEN.pop(key, None)
+    out = mxfp4_matmul_triton(x, packed, scales, bias, 32)
+    assert kmm._CHOSEN[key] in kmm.GEMV_CONFIGS
+    assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
 @gpu

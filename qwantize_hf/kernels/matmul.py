@@ -4,7 +4,12 @@ Its torch twin is ``dequantize_blocks_torch`` followed by ``F.linear``. The bf16
 weight never exists in global memory: each program turns a tile of packed bytes into
 ``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
 
-Two launch families share one kernel body and differ only in their configs:
+M = 1 (one token of batch-1 decoding) has a kernel of its own, ``_mxfp4_gemv_kernel``:
+no tensor cores, no padding of x to 16 rows; each thread turns 32 codes into float32
+values and multiplies them into float32 sums on the CUDA cores. On the H100 it beats the
+tensor-core decode configs at M = 1 on every Llama-3-8B layer shape
+(eval/results/bench_matmul_h100.md). The tensor-core kernel's two launch families share
+one kernel body and differ only in their configs:
 
 - decode (M <= ``DECODE_MAX_M``): memory-bound. The weight tile is the dot's register
   operand (64-128 output features) and the few rows of x, padded to 16, the shared-memory
@@ -30,6 +35,7 @@ import triton.language as tl
 
 from qwantize_hf import constants as C
 from qwantize_hf.kernels.dequantize import e8m0_value
+from qwantize_hf.kernels.quantize import _PACKED_ASM
 from qwantize_hf.ops import _interpreting
 
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
@@ -51,6 +57,11 @@ _PAIR_SIGN_BITS: tl.constexpr = tl.constexpr(0x80008000 - (1 << 32))  # as int32
 _CODES_PER_WORD: tl.constexpr = tl.constexpr(8)  # E2M1 codes in one int32 of packed bytes
 _HIGH_HALF: tl.constexpr = tl.constexpr(-(1 << 16))  # 0xFFFF0000 as int32
 
+# 2**126 as a bfloat16 in both halves of an int32: one bf16x2 multiply undoes the
+# placement's 2**-126 in two values at once.
+_PAIR_UNDO: tl.constexpr = tl.constexpr(((C.F32_EXP_BIAS + C.F32_EXP_BIAS - 1) << _BF16_MANTISSA_BITS) * 0x10001)
+
+GEMV_MAX_M = 1  # rows of x up to which the CUDA-core kernel runs
 DECODE_MAX_M = 16  # rows of x up to which the decode configs are used
 _DECODE_BLOCK_M = 16  # smallest tl.dot extent; x rows are padded to it
 
@@ -85,6 +96,15 @@ def _code_pair(words, P: tl.constexpr):
 
 
 @triton.jit
+def _code_pairs(words):
+    """[R, W] int32 words -> [R, W, 4] int32: at [r, w, p] codes p and p + 4 of word w as ``_code_pair`` makes them."""
+    # join(join(p0, p2), join(p1, p3)) flattens to p0, p1, p2, p3 along the new last axis.
+    even = tl.join(_code_pair(words, 0), _code_pair(words, 2))
+    odd = tl.join(_code_pair(words, 1), _code_pair(words, 3))
+    return tl.reshape(tl.join(even, odd), [words.shape[0], words.shape[1], 4])
+
+
+@triton.jit
 def _dequantize_words_bf16(words, scale_bytes, BLOCK_SIZE: tl.constexpr, INTERPRET: tl.constexpr):
     """[R, W] int32 words of packed codes -> bf16 [R, W, 4, 2]: element 8w + p + 4h at [r, w, p, h].
 
@@ -94,10 +114,7 @@ def _dequantize_words_bf16(words, scale_bytes, BLOCK_SIZE: tl.constexpr, INTERPR
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
     WORDS_PER_BLOCK: tl.constexpr = BLOCK_SIZE // _CODES_PER_WORD
-    # join(join(p0, p2), join(p1, p3)) flattens to p0, p1, p2, p3 along the new last axis.
-    even = tl.join(_code_pair(words, 0), _code_pair(words, 2))
-    odd = tl.join(_code_pair(words, 1), _code_pair(words, 3))
-    pairs = tl.reshape(tl.join(even, odd), [R, W, 4])
+    pairs = _code_pairs(words)
     scale = e8m0_value(scale_bytes.to(tl.int32))  # exact: a power of two, or NaN
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [R, W // WORDS_PER_BLOCK, WORDS_PER_BLOCK]), [R, W])
     if INTERPRET:
@@ -228,6 +245,196 @@ def _k_step(
 
 
 @triton.jit
+def _code_values(words, INTERPRET: tl.constexpr):
+    """[R, W] int32 words of packed codes -> float32 [R, W, 4, 2], the exact unscaled code values:
+    element 8w + p + 4h at [r, w, p, h]."""
+    pairs = _code_pairs(words)
+    if _PACKED_ASM and not INTERPRET:
+        # One bf16x2 multiply undoes 2**-126 in both halves (exact: at most 2 significant
+        # bits, subnormals kept); widening a bf16 to float32 is then a shift or a mask.
+        # 4-6% faster than the float32 multiply per value below on the H100
+        # (eval/results/sweep_gemv_ptx_h100.md vs sweep_gemv_noptx_h100.md).
+        pairs = tl.inline_asm_elementwise(
+            "mul.rn.bf16x2 $0, $1, $2;",
+            "=r,r,r",
+            [pairs, tl.full(pairs.shape, _PAIR_UNDO, tl.int32)],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+        low = (pairs << 16).to(tl.float32, bitcast=True)
+        high = (pairs & _HIGH_HALF).to(tl.float32, bitcast=True)
+    else:
+        low = (pairs << 16).to(tl.float32, bitcast=True) * _DENORMAL_UNDO
+        high = (pairs & _HIGH_HALF).to(tl.float32, bitcast=True) * _DENORMAL_UNDO
+    return tl.join(low, high)
+
+
+@triton.jit
+def _gemv_step(
+    acc,
+    x_ptrs,
+    w_ptrs,
+    s_ptrs,
+    w0,
+    w_end,
+    BLOCK_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """One step of ``_mxfp4_gemv_kernel``: words w0 .. w0 + BLOCK_W of each weight row.
+
+    ``x_ptrs`` [BLOCK_W, 4, 2] point at x's elements in the order of ``_code_values``
+    for w0 = 0; ``acc`` [BLOCK_N, blocks] holds one float32 sum per scale block, so each
+    block's products are summed before its scale multiplies them once.
+    """
+    BLOCK_N: tl.constexpr = w_ptrs.shape[0]
+    BLOCK_W: tl.constexpr = w_ptrs.shape[1]
+    WORDS_PER_BLOCK: tl.constexpr = BLOCK_SIZE // _CODES_PER_WORD
+    BLOCKS: tl.constexpr = BLOCK_W // WORDS_PER_BLOCK
+    if MASKED:
+        w_ok = (w0 + tl.arange(0, BLOCK_W)) < w_end
+        s_ok = (w0 + tl.arange(0, BLOCKS) * WORDS_PER_BLOCK) < w_end
+        words = tl.load(w_ptrs + w0, mask=w_ok[None, :], other=0)
+        scale_bytes = tl.load(s_ptrs + w0 // WORDS_PER_BLOCK, mask=s_ok[None, :], other=0)
+        x = tl.load(x_ptrs + w0 * _CODES_PER_WORD, mask=w_ok[:, None, None], other=0.0)
+    else:
+        words = tl.load(w_ptrs + w0)
+        scale_bytes = tl.load(s_ptrs + w0 // WORDS_PER_BLOCK)
+        x = tl.load(x_ptrs + w0 * _CODES_PER_WORD)
+    products = _code_values(words, INTERPRET) * x.to(tl.float32)[None, :, :, :]
+    sums = tl.sum(tl.reshape(products, [BLOCK_N, BLOCKS, BLOCK_SIZE]), 2)
+    return acc + sums * e8m0_value(scale_bytes.to(tl.int32))  # the scale is exact: a power of two, or NaN
+
+
+@triton.jit
+def _store_tile(
+    acc,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter,
+    offs_n,
+    n_ok,
+    tile_mask,
+    tile_off,
+    out_off,
+    mn,
+    pid_k,
+    HAS_BIAS: tl.constexpr,
+    W_IS_A: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Add bias and store an output tile; with split-K, the last of its SPLIT_K programs does it.
+
+    Each split publishes its float32 partial; the last of the SPLIT_K programs of this
+    output tile to arrive (acq_rel counter) sums them all and resets the counter (the
+    autotuner reruns a launch with the same counters).
+    """
+    if SPLIT_K > 1:
+        tl.store(partial_ptr + pid_k * mn + tile_off, acc, mask=tile_mask)
+        # Every thread's partial store must precede the release below, not only the
+        # storing thread's: the barrier orders them within the program.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros_like(acc)
+            for split in range(SPLIT_K):
+                acc += tl.load(partial_ptr + split * mn + tile_off, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)
+            acc = _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS, W_IS_A)
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        acc = _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS, W_IS_A)
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _mxfp4_gemv_kernel(
+    x_ptr,
+    packed_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    M,
+    N,
+    words_k,  # K // 8, K // BLOCK_SIZE: passed so Triton sees their divisibility
+    blocks_k,
+    stride_xm,
+    stride_om,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """One row of x on the CUDA cores: BLOCK_N weight rows, BLOCK_W words (8 codes each) a step.
+
+    Memory-bound like the decode configs, but with neither the 16-row padding of x nor
+    the staging of x in shared memory for the tensor cores. K is split over SPLIT_K
+    programs; grid axis 2 is the row of x (each row reads the whole weight, so the
+    dispatch gives this kernel M = 1 only).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N reload the last row, never stored
+
+    # This program's words, in whole BLOCK_W steps; only the last split can end in a partial step.
+    steps = tl.cdiv(words_k, BLOCK_W)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    w_begin = pid_k * steps_per_split * BLOCK_W
+    w_end = min(words_k, w_begin + steps_per_split * BLOCK_W)
+    w_full = w_begin + tl.maximum(w_end - w_begin, 0) // BLOCK_W * BLOCK_W
+
+    kw = tl.arange(0, BLOCK_W)
+    w_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k + kw[None, :]
+    s_ptrs = scales_ptr + rows_n[:, None] * blocks_k + tl.arange(0, BLOCK_W * _CODES_PER_WORD // BLOCK_SIZE)[None, :]
+    # x element 8w + p + 4h at [w, p, h], the order _code_values makes.
+    xk = kw[:, None, None] * _CODES_PER_WORD + tl.arange(0, 4)[None, :, None]
+    xk = xk + (_CODES_PER_WORD // 2) * tl.arange(0, 2)[None, None, :]
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_W * _CODES_PER_WORD // BLOCK_SIZE), dtype=tl.float32)
+    if INTERPRET:
+        w0 = w_begin  # see _mxfp4_matmul_kernel: no runtime range() bound in the interpreter
+        while w0 < w_full:
+            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, True)
+            w0 += BLOCK_W
+    else:
+        for w0 in range(w_begin, w_full, BLOCK_W):
+            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, False)
+    if w_full < w_end:
+        acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w_full, w_end, BLOCK_SIZE, True, INTERPRET)
+
+    # A [BLOCK_N, 1] tile, indexed [n, m] like the tensor-core kernel's with the weight as A.
+    offs_n64 = offs_n.to(tl.int64)[:, None]
+    _store_tile(
+        tl.sum(acc, 1, keep_dims=True),
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counter_ptr + pid_m * tl.num_programs(0) + pid_n,
+        offs_n,
+        n_ok,
+        n_ok[:, None],
+        pid_m * N + offs_n64,
+        pid_m * stride_om + offs_n64,
+        M * N,
+        pid_k,
+        HAS_BIAS,
+        True,
+        SPLIT_K,
+    )
+
+
+@triton.jit
 def _mxfp4_matmul_kernel(
     x_ptr,
     packed_ptr,
@@ -348,27 +555,23 @@ def _mxfp4_matmul_kernel(
         tile_off = offs_m64[:, None] * N + offs_n64[None, :]
         out_off = offs_m64[:, None] * stride_om + offs_n64[None, :]
 
-    if SPLIT_K > 1:
-        # Publish this split's partial; the last of the SPLIT_K programs of this output
-        # tile to arrive (acq_rel counter) sums them all and resets the counter (the autotuner
-        # reruns a launch with the same counters).
-        mn = M * N
-        tl.store(partial_ptr + pid_k * mn + tile_off, acc, mask=tile_mask)
-        # Every thread's partial store must precede the release below, not only the
-        # storing thread's: the barrier orders them within the program.
-        tl.debug_barrier()
-        counter = counter_ptr + pid_m * tiles_n + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros_like(acc)
-            for split in range(SPLIT_K):
-                acc += tl.load(partial_ptr + split * mn + tile_off, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0)
-            acc = _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS, W_IS_A)
-            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
-    else:
-        acc = _add_bias(acc, bias_ptr, offs_n, n_ok, HAS_BIAS, W_IS_A)
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    _store_tile(
+        acc,
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counter_ptr + pid_m * tiles_n + pid_n,
+        offs_n,
+        n_ok,
+        tile_mask,
+        tile_off,
+        out_off,
+        M * N,
+        pid_k,
+        HAS_BIAS,
+        W_IS_A,
+        SPLIT_K,
+    )
 
 
 def _config(block_m, block_n, block_k, split_k, w_is_a, words, permute_k, warps, stages, group_n=1) -> triton.Config:
@@ -408,9 +611,35 @@ PREFILL_CONFIGS = (
     _config(256, 128, 64, 1, False, True, False, 8, 3, group_n=8),
 )
 
+
+def _gemv_config(block_n, block_w, split_k, warps, stages) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages
+    )
+
+
+# BLOCK_N / BLOCK_W (words of 8 codes) / SPLIT_K: the winners of `eval/sweep_decode.py
+# --kernels gemv` over 19 configs at M = 1 on the H100 (eval/results/sweep_gemv_h100.md):
+# 32/64/4 is within 12% of the best on every Llama-3-8B shape; 16/64/1 wins where N = 14336
+# (and needs no partial sums), 64/64/4 where N = 6144.
+GEMV_CONFIGS = (
+    _gemv_config(32, 64, 4, 4, 3),
+    _gemv_config(64, 64, 4, 4, 3),
+    _gemv_config(16, 64, 1, 4, 3),
+    _gemv_config(16, 64, 4, 4, 3),
+)
+
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "BLOCK_SIZE"]
 _decode_kernel = triton.autotune(configs=list(DECODE_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
 _prefill_kernel = triton.autotune(configs=list(PREFILL_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
+_gemv_kernel = triton.autotune(configs=list(GEMV_CONFIGS), key=["M_BUCKET", "N", "words_k", "HAS_BIAS", "BLOCK_SIZE"])(
+    _mxfp4_gemv_kernel
+)
+
+
+def is_gemv_config(config: triton.Config) -> bool:
+    """Whether ``config`` is one for ``_mxfp4_gemv_kernel`` (else for the tensor-core kernel)."""
+    return "BLOCK_W" in config.kwargs
 
 
 def _m_bucket(m: int) -> int:
@@ -423,7 +652,8 @@ def split_k_workspace(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 partials and zeroed arrival counters for split-K launches of ``configs`` on an [m, n] output."""
     max_split = max(cfg.kwargs["SPLIT_K"] for cfg in configs)
-    most_tiles = max(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
+    # A GEMV config's tiles are one row of x high.
+    most_tiles = max(triton.cdiv(m, c.kwargs.get("BLOCK_M", 1)) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
     partial = torch.empty(max_split * m * n if max_split > 1 else 1, dtype=torch.float32, device=device)
     # A split-1 launch never reads its counters: no memset for them (one kernel launch less a call).
     counters = (
@@ -447,7 +677,9 @@ def mxfp4_matmul_triton(
 
     ``x`` (bf16 or fp16) must be contiguous along K, ``packed`` and ``scales`` contiguous;
     shapes are assumed checked (see ``qwantize_hf.matmul``). ``config`` forces one kernel
-    config (benchmarks, tests); None dispatches on M to the autotuned decode or prefill configs.
+    config (benchmarks, tests: a ``GEMV_CONFIGS`` one runs the CUDA-core kernel, others the
+    tensor-core one); None dispatches on M to the autotuned CUDA-core (M <= ``GEMV_MAX_M``),
+    decode (M <= ``DECODE_MAX_M``) or prefill configs.
     ``workspace``: (float32 split-K partials, zeroed int32 arrival counters) to use instead of
     fresh ones, large enough for every config that may run (``split_k_workspace``); for
     benchmarks that time the kernel alone. The kernel leaves the counters at zero again.
@@ -468,22 +700,30 @@ def mxfp4_matmul_triton(
         key = (_m_bucket(m), n, k, bias is not None, block_size, x.dtype, x.device)
         config = _CHOSEN.get(key)
         if config is None:
-            tuned = _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
+            tuned = _gemv_kernel if m <= GEMV_MAX_M else _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
+    gemv = tuned is _gemv_kernel if tuned is not None else is_gemv_config(config)
     configs = (config,) if tuned is None else tuple(tuned.configs)
     # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
     # between calls would be shared by calls on concurrent streams too.
     partial, counters = workspace if workspace is not None else split_k_workspace(m, n, configs, x.device)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-    args = (
-        x, packed, scales, bias if bias is not None else out, out, partial, counters,
-        m, n, k, k // 2, k // 8, k // block_size, x.stride(0), n, _m_bucket(m),
-    )  # fmt: skip
+    common = (x, packed, scales, bias if bias is not None else out, out, partial, counters, m, n)
     kwargs = {"HAS_BIAS": bias is not None, "BLOCK_SIZE": block_size, "INTERPRET": _interpreting()}
+    if gemv:
+        args = (*common, k // 8, k // block_size, x.stride(0), n, _m_bucket(m))
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
+
+        kernel = _mxfp4_gemv_kernel
+    else:
+        args = (*common, k, k // 2, k // 8, k // block_size, x.stride(0), n, _m_bucket(m))
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        kernel = _mxfp4_matmul_kernel
     if tuned is None:
-        _mxfp4_matmul_kernel[grid(config.kwargs)](
+        kernel[grid(config.kwargs)](
             *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )
     else:

@@ -103,7 +103,8 @@ _CODE_PAIR_ASM: tl.constexpr = tl.constexpr(
 # interpreter cannot run PTX; it runs the same operations as plain tl ops) or when
 # QWANTIZE_HF_NO_INLINE_PTX=1 (same bytes, slower: LLVM pairs the wrong elements into
 # f16x2 registers; eval/bench_quantize.py times both). Read at import, as triton.jit
-# reads TRITON_INTERPRET to choose the interpreter for this module's kernels.
+# reads TRITON_INTERPRET to choose the interpreter for this module's kernels. The
+# one-row matmul kernel (kernels/matmul.py) reads the same switch for its bf16x2 multiply.
 _THREADS_PER_WARP = 32
 _PACKED_ASM: tl.constexpr = tl.constexpr(
     os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
