@@ -10,7 +10,9 @@ float32 matmul of the exact dequantized weight on fresh random inputs per shape 
 of its terms: see ``errors``), then timed as CUDA-graph replays (``do_bench_cudagraph``,
 median) over enough weight copies that they don't fit in L2 together, so decode
 numbers are DRAM numbers, not cache numbers. Reports medians, ratios, achieved
-weight-read bandwidth and a device-to-device copy for scale.
+weight-read bandwidth and a device-to-device copy for scale, and per shape the time a
+kernel that only reads the packed codes and scale bytes takes (``read_alone``): no
+MXFP4 matmul can be faster, so it bounds "x vs bf16" at M = 1.
 
     python eval/bench_matmul.py --out eval/results/bench_matmul_h100.md
 """
@@ -24,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 import triton.testing
 
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
@@ -42,6 +45,61 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+@triton.jit
+def _read_weight_bytes(
+    words_ptr, scales_ptr, out_ptr, N, words_k, blocks_k,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, WORDS_PER_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Read the packed words and scale bytes in the fused kernels' tile order and XOR them: the bytes, no math."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    steps_per_split = tl.cdiv(tl.cdiv(words_k, BLOCK_W), SPLIT_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_W], tl.int32)
+    acc_s = tl.zeros([BLOCK_N, BLOCK_W // WORDS_PER_BLOCK], tl.int32)
+    for step in range(pid_k * steps_per_split, (pid_k + 1) * steps_per_split):
+        kw = step * BLOCK_W + tl.arange(0, BLOCK_W)
+        acc ^= tl.load(words_ptr + rows[:, None] * words_k + kw[None, :], mask=(kw < words_k)[None, :], other=0)
+        kb = step * (BLOCK_W // WORDS_PER_BLOCK) + tl.arange(0, BLOCK_W // WORDS_PER_BLOCK)
+        acc_s ^= tl.load(scales_ptr + rows[:, None] * blocks_k + kb[None, :], mask=(kb < blocks_k)[None, :], other=0)
+    tl.store(out_ptr + pid_n * SPLIT_K + pid_k, tl.sum(tl.sum(acc, 1), 0) + tl.sum(tl.sum(acc_s, 1), 0))
+
+
+# (BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); the best of them is reported
+READ_CONFIGS = [(64, 32, 4, 4, 3), (64, 32, 4, 4, 4), (64, 32, 1, 4, 3), (128, 64, 4, 4, 3), (32, 32, 4, 4, 3)]
+
+
+def read_alone(qs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, tuple]:
+    """(ms, config): the fastest of READ_CONFIGS at reading one weight's packed words and scale bytes."""
+    n, half_k = qs[0][0].shape
+    words_k, blocks_k = half_k // 4, qs[0][1].shape[1]
+    out = torch.empty(1 << 20, dtype=torch.int32, device="cuda")
+    best = None
+    for bn, bw, split, warps, stages in READ_CONFIGS:
+        grid = (triton.cdiv(n, bn), split)
+        kw = dict(BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, WORDS_PER_BLOCK=words_k // blocks_k, num_warps=warps,
+                  num_stages=stages)  # fmt: skip
+        t = bench(
+            lambda grid=grid, kw=kw: [
+                _read_weight_bytes[grid](p.view(torch.int32), s, out, n, words_k, blocks_k, **kw) for p, s in qs
+            ],
+            len(qs),
+        )
+        if best is None or t < best[0]:
+            best = (t, (bn, bw, split, warps, stages))
+    return best
+
+
+def chosen_config(m: int, n: int, k: int, x: torch.Tensor) -> str:
+    """The config the autotuned dispatch remembered for this call, as text."""
+    config = kmm._CHOSEN.get((kmm._m_bucket(m), n, k, False, 32, x.dtype, x.device))
+    if config is None:
+        return "?"
+    if kmm.is_gemv_config(config):
+        return "gemv " + "/".join(str(config.kwargs[key]) for key in ("BLOCK_N", "BLOCK_W", "SPLIT_K"))
+    return "/".join(str(config.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
 
 
 def bench(fn, calls: int) -> float:
@@ -94,6 +152,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     t_start = time.time()
+    floors = []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         packed, scales = quantize_mxfp4(w, backend="triton")
@@ -118,9 +177,7 @@ def main() -> None:
             t_ours = bench(lambda x=x, qc=qs[:cq]: [kmm.mxfp4_matmul_triton(x, p, s, None, 32) for p, s in qc], cq)
             t_bf16 = bench(lambda x=x, wc=ws[:cb]: [F.linear(x, w) for w in wc], cb)
             t_deq = bench(lambda x=x, qc=qs[:cq]: [F.linear(x, dequantize_mxfp4(p, s)) for p, s in qc], cq)
-            tuned = kmm._decode_kernel if m <= kmm.DECODE_MAX_M else kmm._prefill_kernel
-            best = tuned.best_config.kwargs if tuned.best_config is not None else {}
-            cfg = "/".join(str(best.get(key)) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+            cfg = chosen_config(m, n, k, x)
             line = (
                 f"| {n}x{k} | {m} | {t_ours * 1e3:.1f} | {t_bf16 * 1e3:.1f} | {t_deq * 1e3:.1f} | "
                 f"{t_bf16 / t_ours:.2f} | {t_deq / t_ours:.2f} | {q_bytes / (t_ours * 1e-3) / 1e9:.0f} | "
@@ -128,13 +185,21 @@ def main() -> None:
             )
             lines.append(line)
             print(line, flush=True)
+        t_read, read_cfg = read_alone(qs)
+        floors.append((n, k, t_read, read_cfg, q_bytes))
         del qs, ws, w_ref
         torch.cuda.empty_cache()
+    lines += ["", "weight bytes read alone (no math; the floor for any MXFP4 matmul of the shape):", ""]
+    lines += ["| N x K | us | TB/s | BLOCK_N/BLOCK_W/SPLIT_K/warps/stages |", "|---|---|---|---|"]
+    for n, k, t_read, read_cfg, q_bytes in floors:
+        tb_s = q_bytes / (t_read * 1e-3) / 1e12
+        lines.append(f"| {n}x{k} | {t_read * 1e3:.1f} | {tb_s:.2f} | {'/'.join(map(str, read_cfg))} |")
     lines += [
         "",
         f"weight memory, quantized / bf16: {(packed.numel() + scales.numel()) / (w.numel() * 2):.4f} "
         "(packed codes + scale bytes; 4.25 bits a weight)",
-        f"config = BLOCK_M/BLOCK_N/BLOCK_K/SPLIT_K chosen by the autotuner; wall time {time.time() - t_start:.0f} s",
+        "config = the tensor-core kernel's BLOCK_M/BLOCK_N/BLOCK_K/SPLIT_K, or gemv BLOCK_N/BLOCK_W/SPLIT_K, chosen by "
+        f"the autotuner; wall time {time.time() - t_start:.0f} s",
     ]
     text = "\n".join(lines)
     print(text)

@@ -1,6 +1,8 @@
-"""Sweep the fused MXFP4 matmul's decode configs on a GPU (M <= 16): which tile, split and pipeline depth win.
+"""Sweep the fused MXFP4 matmul's decode configs on a GPU (M <= 16): which kernel, tile, split and pipeline depth win.
 
-For each Llama-3-8B layer shape and M, every config in the grid below is compiled (in
+Two kernels: "tc", the tensor-core kernel's decode configs (the weight as the wgmma register
+operand, x padded to 16 rows), and "gemv", the CUDA-core kernel (``_mxfp4_gemv_kernel``).
+For each Llama-3-8B layer shape and M, every config in the grids below is compiled (in
 parallel worker processes that fill Triton's on-disk cache), checked against a float32
 matmul of the exact dequantized weight, then timed as CUDA-graph replays over weight
 copies that do not fit in L2. Timed alone, the kernel gets a preallocated split-K
@@ -8,6 +10,7 @@ workspace (``mxfp4_matmul_triton(..., workspace=...)``); the best config is time
 again as a whole call (fresh workspace: one small memset more) next to bf16 ``F.linear``.
 
     python eval/sweep_decode.py --out eval/results/sweep_decode_h100.md
+    python eval/sweep_decode.py --kernels gemv,tc-shipped --ms 1,2,4 --out eval/results/sweep_gemv_h100.md
 """
 
 from __future__ import annotations
@@ -31,20 +34,34 @@ MS = [1, 16]
 ROTATE_BYTES = 200 * 2**20
 
 
-def config_grid() -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages): the weight as the wgmma register operand, x padded to 16 rows."""
+def config_grid(kernels: list[str]) -> list[tuple]:
+    """Config tuples, kernel name first: ("tc", BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or
+    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); "tc-shipped" is the shipped DECODE_CONFIGS."""
+    from qwantize_hf.kernels import matmul as kmm
+
     grid = []
-    for block_n, warps in ((64, 4), (128, 4), (128, 8)):
-        for block_k, split, stages in itertools.product((128, 256, 512), (1, 2, 4, 8), (3, 4, 5)):
-            smem = stages * (block_n * block_k // 2 + 16 * block_k * 2)
-            if smem <= 200 * 1024:
-                grid.append((block_n, block_k, split, warps, stages))
+    if "tc" in kernels:
+        for block_n, warps in ((64, 4), (128, 4), (128, 8)):
+            for block_k, split, stages in itertools.product((128, 256, 512), (1, 2, 4, 8), (3, 4, 5)):
+                smem = stages * (block_n * block_k // 2 + 16 * block_k * 2)
+                if smem <= 200 * 1024:
+                    grid.append(("tc", block_n, block_k, split, warps, stages))
+    if "tc-shipped" in kernels:
+        for c in kmm.DECODE_CONFIGS:
+            kw = c.kwargs
+            grid.append(("tc", kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], c.num_warps, c.num_stages))
+    if "gemv" in kernels:
+        for block_n, block_w, split in itertools.product((16, 32, 64), (32, 64), (1, 2, 4)):
+            grid.append(("gemv", block_n, block_w, split, 4, 3))
+        grid.append(("gemv", 64, 64, 4, 8, 3))
     return grid
 
 
-def make_config(block_n, block_k, split, warps, stages):
+def make_config(kernel, block_n, block_k, split, warps, stages):
     from qwantize_hf.kernels import matmul as kmm
 
+    if kernel == "gemv":
+        return kmm._gemv_config(block_n, block_k, split, warps, stages)
     return kmm._config(kmm._DECODE_BLOCK_M, block_n, block_k, split, True, True, True, warps, stages)
 
 
@@ -85,10 +102,11 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--top", type=int, default=5, help="configs listed per shape and M")
+    parser.add_argument("--kernels", default="tc", help="comma list of tc, tc-shipped, gemv (see config_grid)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [int(v) for v in args.ms.split(",")]
-    grid = config_grid()
+    grid = config_grid(args.kernels.split(","))
     t0 = time.time()
 
     jobs = [(cfg, n, k, m) for n, k in shapes for m in ms_list for cfg in grid]
@@ -141,6 +159,7 @@ def main() -> None:
                 rows.append((t, cfg_t))
                 records.append({"n": n, "k": k, "m": m, "config": cfg_t, "us": t * 1e3, "bf16_us": t_bf16 * 1e3})
             rows.sort()
+            first_line = len(lines)
             best_t, best_cfg = rows[0]
             best = make_config(*best_cfg)
             t_call = bench(
@@ -151,7 +170,11 @@ def main() -> None:
                 f"({t_bf16 / best_t:.2f}x bf16, {q_bytes / (best_t * 1e-3) / 1e9:.0f} GB/s of weight read); "
                 f"whole call with a fresh workspace {t_call * 1e3:.1f} us ({t_bf16 / t_call:.2f}x)"
             )
-            lines.append("| BLOCK_N/BLOCK_K/SPLIT_K/warps/stages | us | x bf16 | weight GB/s |")
+            for kernel in sorted({c[0] for _, c in rows}):
+                t, cfg_t = min(r for r in rows if r[1][0] == kernel)
+                lines.append(f"- best {kernel}: {t * 1e3:.1f} us ({t_bf16 / t:.2f}x bf16), {'/'.join(map(str, cfg_t))}")
+            lines.append("")
+            lines.append("| kernel/BLOCK_N/BLOCK_K or BLOCK_W/SPLIT_K/warps/stages | us | x bf16 | weight GB/s |")
             lines.append("|---|---|---|---|")
             for t, cfg_t in rows[: args.top]:
                 lines.append(
@@ -159,7 +182,7 @@ def main() -> None:
                     f"{q_bytes / (t * 1e-3) / 1e9:.0f} |"
                 )
             lines.append("")
-            print("\n".join(lines[-args.top - 4 :]), flush=True)
+            print("\n".join(lines[first_line:]), flush=True)
         del qs, ws
         torch.cuda.empty_cache()
     skipped = sorted({(job[0], why) for job, (err, why) in checks.items() if err is None})
