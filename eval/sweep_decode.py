@@ -54,6 +54,12 @@ def config_grid(kernels: list[str]) -> list[tuple]:
         for block_n, block_w, split in itertools.product((16, 32, 64), (32, 64), (1, 2, 4)):
             grid.append(("gemv", block_n, block_w, split, 4, 3))
         grid.append(("gemv", 64, 64, 4, 8, 3))
+        # Split 1 (no partial sums, no counters to zero), K split between the warps of one program instead.
+        for block_n, block_w, warps in itertools.product((8, 16, 32), (128, 256), (4, 8)):
+            grid.append(("gemv", block_n, block_w, 1, warps, 3))
+    if "gemv-wide" in kernels:
+        for block_n, block_w, warps, stages in itertools.product((4, 8, 16), (256, 512), (4, 8), (2, 3, 4)):
+            grid.append(("gemv", block_n, block_w, 1, warps, stages))
     return grid
 
 

@@ -34,6 +34,7 @@ CPU_CONFIGS = {
     "bytes-w-as-a": _config(16, 32, 64, 1, True, False, False, 4, 1),
     # The CUDA-core kernel (any M, though dispatch gives it M <= GEMV_MAX_M): 8 and 4 words a step.
     "gemv": _gemv_config(16, 8, 1, 4, 1),
+    "gemv-4rows": _gemv_config(4, 16, 1, 4, 1),
     "gemv-splitk": _gemv_config(32, 4, 3, 4, 1),
 }
 # (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,

@@ -619,14 +619,16 @@ def _gemv_config(block_n, block_w, split_k, warps, stages) -> triton.Config:
 
 
 # BLOCK_N / BLOCK_W (words of 8 codes) / SPLIT_K: the winners of `eval/sweep_decode.py
-# --kernels gemv` over 19 configs at M = 1 on the H100 (eval/results/sweep_gemv_h100.md):
-# 32/64/4 is within 12% of the best on every Llama-3-8B shape; 16/64/1 wins where N = 14336
-# (and needs no partial sums), 64/64/4 where N = 6144.
+# --kernels gemv,gemv-wide` at M = 1 on the H100 (eval/results/sweep_gemv_h100.md). Few
+# rows and long steps, K shared by the warps of one program: no split over programs, so
+# no partial sums and no arrival counters to zero before each call (a memset launch that
+# took about 1 us of every call with split configs). 8/256 is within 5% of the best on
+# every Llama-3-8B shape.
 GEMV_CONFIGS = (
-    _gemv_config(32, 64, 4, 4, 3),
-    _gemv_config(64, 64, 4, 4, 3),
-    _gemv_config(16, 64, 1, 4, 3),
-    _gemv_config(16, 64, 4, 4, 3),
+    _gemv_config(8, 256, 1, 4, 3),
+    _gemv_config(16, 256, 1, 4, 3),
+    _gemv_config(4, 256, 1, 4, 2),
+    _gemv_config(8, 512, 1, 4, 4),
 )
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "BLOCK_SIZE"]
