@@ -10,7 +10,7 @@ workspace (``mxfp4_matmul_triton(..., workspace=...)``); the best config is time
 again as a whole call (fresh workspace: one small memset more) next to bf16 ``F.linear``.
 
     python eval/sweep_decode.py --out eval/results/sweep_decode_h100.md
-    python eval/sweep_decode.py --kernels gemv,tc-shipped --ms 1,2,4 --out eval/results/sweep_gemv_h100.md
+    python eval/sweep_decode.py --kernels gemv,gemv-wide,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ ROTATE_BYTES = 200 * 2**20
 
 def config_grid(kernels: list[str]) -> list[tuple]:
     """Config tuples, kernel name first: ("tc", BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or
-    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); "tc-shipped" is the shipped DECODE_CONFIGS."""
+    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); "tc-shipped" is the shipped DECODE_CONFIGS,
+    "gemv-wide" split-1 gemv configs of 256-512 words a step."""
     from qwantize_hf.kernels import matmul as kmm
 
     grid = []
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--top", type=int, default=5, help="configs listed per shape and M")
-    parser.add_argument("--kernels", default="tc", help="comma list of tc, tc-shipped, gemv (see config_grid)")
+    parser.add_argument("--kernels", default="tc", help="tc, tc-shipped, gemv, gemv-wide: see config_grid")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [int(v) for v in args.ms.split(",")]

@@ -32,7 +32,7 @@ CPU_CONFIGS = {
     "prefill-words": _config(32, 32, 64, 1, False, True, False, 4, 1, group_n=2),
     "bytes-splitk": _config(32, 16, 64, 2, False, False, False, 4, 1, group_n=2),
     "bytes-w-as-a": _config(16, 32, 64, 1, True, False, False, 4, 1),
-    # The CUDA-core kernel (any M, though dispatch gives it M <= GEMV_MAX_M): 8 and 4 words a step.
+    # The CUDA-core kernel (any M, though dispatch gives it M <= GEMV_MAX_M): 8, 16 and 4 words a step.
     "gemv": _gemv_config(16, 8, 1, 4, 1),
     "gemv-4rows": _gemv_config(4, 16, 1, 4, 1),
     "gemv-splitk": _gemv_config(32, 4, 3, 4, 1),
