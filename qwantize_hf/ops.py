@@ -8,6 +8,7 @@ never leaves here looking like a valid quantized tensor.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,6 +37,27 @@ def triton_available() -> bool:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device; (0, 0) for any other device."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def inline_ptx_allowed(device: torch.device, capability: tuple[int, int]) -> bool:
+    """Whether a kernel launched for ``device`` may use inline PTX that needs ``capability``:
+    not under the interpreter, not with QWANTIZE_HF_NO_INLINE_PTX=1, and only on a CUDA
+    device at least that new (the plain-op versions of the same arithmetic run elsewhere)."""
+    if _interpreting() or os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") == "1":
+        return False
+    return device_capability(device) >= capability
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -220,3 +220,27 @@ def test_half_search_refuses_a_launch_that_splits_blocks_over_threads():
 def test_half_search_refuses_float32():
     with pytest.raises(ValueError, match="half_search"):
         quantize_triton(torch.zeros(1, 32, device=KERNEL_DEVICE), 32, "mse", half_search=True)
+
+
+def test_inline_ptx_only_on_new_enough_gpus(monkeypatch):
+    """PTX that needs sm_80 (the packed search) or sm_90 (the one-row matmul's bf16x2 multiply)
+    is used only on GPUs that new: older ones run the plain-op versions instead of failing to build."""
+    import qwantize_hf.kernels.quantize as kq
+    import qwantize_hf.ops as ops
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (8, 6))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("QWANTIZE_HF_NO_INLINE_PTX", raising=False)
+    assert ops.inline_ptx_allowed(cuda, (8, 0))
+    assert not ops.inline_ptx_allowed(cuda, (9, 0))
+    assert not ops.inline_ptx_allowed(torch.device("cpu"), (8, 0))
+    monkeypatch.setenv("QWANTIZE_HF_NO_INLINE_PTX", "1")
+    assert not ops.inline_ptx_allowed(cuda, (8, 0))
+
+    monkeypatch.setattr(kq, "_PACKED_ASM", True)
+    assert kq._half_search_runs_on(cuda)
+    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (7, 5))
+    assert not kq._half_search_runs_on(cuda)
+    monkeypatch.setattr(kq, "_PACKED_ASM", False)  # plain ops run anywhere
+    assert kq._half_search_runs_on(cuda)

@@ -5,8 +5,8 @@ weight never exists in global memory: each program turns a tile of packed bytes 
 ``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
 
 M = 1 (one token of batch-1 decoding) has a kernel of its own, ``_mxfp4_gemv_kernel``:
-no tensor cores, no padding of x to 16 rows; each thread turns 32 codes into float32
-values and multiplies them into float32 sums on the CUDA cores. On the H100 it beats the
+no tensor cores, no padding of x to 16 rows; the codes, loaded 32 (one scale block) to a
+16-byte load, become float32 values that the CUDA cores multiply into float32 sums. On the H100 it beats the
 tensor-core decode configs at M = 1 on every Llama-3-8B layer shape
 (eval/results/bench_matmul_h100.md). The tensor-core kernel's two launch families share
 one kernel body and differ only in their configs:
@@ -35,8 +35,7 @@ import triton.language as tl
 
 from qwantize_hf import constants as C
 from qwantize_hf.kernels.dequantize import e8m0_value
-from qwantize_hf.kernels.quantize import _PACKED_ASM
-from qwantize_hf.ops import _interpreting
+from qwantize_hf.ops import _interpreting, inline_ptx_allowed
 
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
 # float32 bit positions of an E2M1 code's magnitude bits (22-24) and sign (31).
@@ -60,6 +59,8 @@ _HIGH_HALF: tl.constexpr = tl.constexpr(-(1 << 16))  # 0xFFFF0000 as int32
 # 2**126 as a bfloat16 in both halves of an int32: one bf16x2 multiply undoes the
 # placement's 2**-126 in two values at once.
 _PAIR_UNDO: tl.constexpr = tl.constexpr(((C.F32_EXP_BIAS + C.F32_EXP_BIAS - 1) << _BF16_MANTISSA_BITS) * 0x10001)
+
+_BF16X2_MUL_CAPABILITY = (9, 0)  # PTX mul.bf16x2 needs sm_90
 
 GEMV_MAX_M = 1  # rows of x up to which the CUDA-core kernel runs
 DECODE_MAX_M = 16  # rows of x up to which the decode configs are used
@@ -245,13 +246,14 @@ def _k_step(
 
 
 @triton.jit
-def _code_values(words, INTERPRET: tl.constexpr):
+def _code_values(words, PTX_MUL: tl.constexpr):
     """[R, W] int32 words of packed codes -> float32 [R, W, 4, 2], the exact unscaled code values:
     element 8w + p + 4h at [r, w, p, h]."""
     pairs = _code_pairs(words)
-    if _PACKED_ASM and not INTERPRET:
+    if PTX_MUL:
         # One bf16x2 multiply undoes 2**-126 in both halves (exact: at most 2 significant
         # bits, subnormals kept); widening a bf16 to float32 is then a shift or a mask.
+        # mul.bf16x2 needs sm_90 (_BF16X2_MUL_CAPABILITY); elsewhere the float32 multiply runs.
         # 4-6% faster than the float32 multiply per value below on the H100
         # (eval/results/sweep_gemv_ptx_h100.md vs sweep_gemv_noptx_h100.md).
         pairs = tl.inline_asm_elementwise(
@@ -280,7 +282,7 @@ def _gemv_step(
     w_end,
     BLOCK_SIZE: tl.constexpr,
     MASKED: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    PTX_MUL: tl.constexpr,
 ):
     """One step of ``_mxfp4_gemv_kernel``: words w0 .. w0 + BLOCK_W of each weight row.
 
@@ -302,7 +304,7 @@ def _gemv_step(
         words = tl.load(w_ptrs + w0)
         scale_bytes = tl.load(s_ptrs + w0 // WORDS_PER_BLOCK)
         x = tl.load(x_ptrs + w0 * _CODES_PER_WORD)
-    products = _code_values(words, INTERPRET) * x.to(tl.float32)[None, :, :, :]
+    products = _code_values(words, PTX_MUL) * x.to(tl.float32)[None, :, :, :]
     sums = tl.sum(tl.reshape(products, [BLOCK_N, BLOCKS, BLOCK_SIZE]), 2)
     return acc + sums * e8m0_value(scale_bytes.to(tl.int32))  # the scale is exact: a power of two, or NaN
 
@@ -370,6 +372,7 @@ def _mxfp4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PTX_MUL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """One row of x on the CUDA cores: BLOCK_N weight rows, BLOCK_W words (8 codes each) a step.
@@ -379,6 +382,7 @@ def _mxfp4_gemv_kernel(
     programs; grid axis 2 is the row of x (each row reads the whole weight, so the
     dispatch gives this kernel M = 1 only).
     """
+    tl.static_assert(BLOCK_W * _CODES_PER_WORD >= BLOCK_SIZE, "BLOCK_W must cover at least one scale block")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -405,16 +409,17 @@ def _mxfp4_gemv_kernel(
     if INTERPRET:
         w0 = w_begin  # see _mxfp4_matmul_kernel: no runtime range() bound in the interpreter
         while w0 < w_full:
-            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, True)
+            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, PTX_MUL)
             w0 += BLOCK_W
     else:
         for w0 in range(w_begin, w_full, BLOCK_W):
-            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, False)
+            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, PTX_MUL)
     if w_full < w_end:
-        acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w_full, w_end, BLOCK_SIZE, True, INTERPRET)
+        acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w_full, w_end, BLOCK_SIZE, True, PTX_MUL)
 
     # A [BLOCK_N, 1] tile, indexed [n, m] like the tensor-core kernel's with the weight as A.
     offs_n64 = offs_n.to(tl.int64)[:, None]
+    m64 = pid_m.to(tl.int64)
     _store_tile(
         tl.sum(acc, 1, keep_dims=True),
         bias_ptr,
@@ -424,8 +429,8 @@ def _mxfp4_gemv_kernel(
         offs_n,
         n_ok,
         n_ok[:, None],
-        pid_m * N + offs_n64,
-        pid_m * stride_om + offs_n64,
+        m64 * N + offs_n64,
+        m64 * stride_om + offs_n64,
         M * N,
         pid_k,
         HAS_BIAS,
@@ -712,6 +717,7 @@ def mxfp4_matmul_triton(
     kwargs = {"HAS_BIAS": bias is not None, "BLOCK_SIZE": block_size, "INTERPRET": _interpreting()}
     if gemv:
         args = (*common, k // 8, k // block_size, x.stride(0), n, _m_bucket(m))
+        kwargs["PTX_MUL"] = inline_ptx_allowed(x.device, _BF16X2_MUL_CAPABILITY)
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from qwantize_hf import constants as C
 from qwantize_hf.format import EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW
+from qwantize_hf.ops import device_capability
 
 METHOD_IDS = {"naive": 0, "even": 1, "mse": 2}
 
@@ -106,6 +107,7 @@ _CODE_PAIR_ASM: tl.constexpr = tl.constexpr(
 # reads TRITON_INTERPRET to choose the interpreter for this module's kernels. The
 # one-row matmul kernel (kernels/matmul.py) reads the same switch for its bf16x2 multiply.
 _THREADS_PER_WARP = 32
+_HALF_SEARCH_CAPABILITY = (8, 0)
 _PACKED_ASM: tl.constexpr = tl.constexpr(
     os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
 )
@@ -540,6 +542,12 @@ def _quantize_kernel(
     tl.store(scales_ptr + blocks, e.to(tl.uint8), mask=in_range)
 
 
+def _half_search_runs_on(device: torch.device) -> bool:
+    """The packed search's PTX min.f16x2 / max.f16x2 need sm_80: older GPUs take the float32
+    search (or, with QWANTIZE_HF_NO_INLINE_PTX=1, the plain-op float16 one)."""
+    return not _PACKED_ASM or device.type != "cuda" or device_capability(device) >= _HALF_SEARCH_CAPABILITY
+
+
 def quantize_triton(
     w: torch.Tensor,
     block_size: int,
@@ -566,8 +574,14 @@ def quantize_triton(
     if num_warps is None:
         num_warps = 2 if scale_method == "mse" else 4
     whole_blocks_per_thread = blocks_per_prog >= _THREADS_PER_WARP * num_warps
+    ptx_ok = _half_search_runs_on(w.device)
     if half_search is None:
-        half_search = w.dtype in (torch.bfloat16, torch.float16) and whole_blocks_per_thread
+        half_search = w.dtype in (torch.bfloat16, torch.float16) and whole_blocks_per_thread and ptx_ok
+    if half_search and not ptx_ok:
+        raise ValueError(
+            f"half_search's inline PTX needs compute capability {_HALF_SEARCH_CAPABILITY} or newer, and {w.device} "
+            "is older; pass half_search=False, or set QWANTIZE_HF_NO_INLINE_PTX=1 for its plain-op version"
+        )
     if half_search and w.dtype == torch.float32:
         raise ValueError("half_search needs bfloat16 or float16 input; float32 has too many bits for float16")
     if half_search and not whole_blocks_per_thread:
