@@ -11,8 +11,9 @@ of its terms: see ``errors``), then timed as CUDA-graph replays (``do_bench_cuda
 median) over enough weight copies that they don't fit in L2 together, so decode
 numbers are DRAM numbers, not cache numbers. Reports medians, ratios, achieved
 weight-read bandwidth and a device-to-device copy for scale, and per shape the time a
-kernel that only reads the packed codes and scale bytes takes (``read_alone``): no
-MXFP4 matmul can be faster, so it bounds "x vs bf16" at M = 1.
+kernel that only reads the packed codes and scale bytes takes (``read_alone``, the best
+of a few tile configs): a measured baseline for "x vs bf16" at M = 1, since a matmul
+must read the same bytes (a cleverer read could still beat it).
 
     python eval/bench_matmul.py --out eval/results/bench_matmul_h100.md
 """
@@ -189,7 +190,7 @@ def main() -> None:
         floors.append((n, k, t_read, read_cfg, q_bytes))
         del qs, ws, w_ref
         torch.cuda.empty_cache()
-    lines += ["", "weight bytes read alone (no math; the floor for any MXFP4 matmul of the shape):", ""]
+    lines += ["", "weight bytes read alone (no math; best of READ_CONFIGS, a baseline for the matmul):", ""]
     lines += ["| N x K | us | TB/s | BLOCK_N/BLOCK_W/SPLIT_K/warps/stages |", "|---|---|---|---|"]
     for n, k, t_read, read_cfg, q_bytes in floors:
         tb_s = q_bytes / (t_read * 1e-3) / 1e12

@@ -61,7 +61,7 @@ def config_grid(kernels: list[str]) -> list[tuple]:
     if "gemv-wide" in kernels:
         for block_n, block_w, warps, stages in itertools.product((4, 8, 16), (256, 512), (4, 8), (2, 3, 4)):
             grid.append(("gemv", block_n, block_w, 1, warps, stages))
-    return grid
+    return list(dict.fromkeys(grid))  # "gemv" and "gemv-wide" share a few configs
 
 
 def make_config(kernel, block_n, block_k, split, warps, stages):
