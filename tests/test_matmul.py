@@ -202,25 +202,17 @@ def test_gpu_autotuned_dispatch_matches_reference(m, dtype):
 
 
 @gpu
-def test_gpu_autotuned_choice_is_remembered_and_reused():
-    x, packed, scales, bias = make_inputs(4, 2048, 512, torch.bfloat16, False, 32, seed=13, device="cuda")
-    key = (4, 2048, 512, False, 32, torch.bfloat16, x.device)
+@pytest.mark.parametrize("m", [1, 4])
+def test_gpu_autotuned_choice_is_remembered_and_reused(m):
+    """M = 1 tunes over the CUDA-core kernel's configs, M = 2..16 over the tensor-core decode ones."""
+    x, packed, scales, bias = make_inputs(m, 2048, 512, torch.bfloat16, True, 32, seed=13 + m, device="cuda")
+    key = (m, 2048, 512, True, 32, torch.bfloat16, x.device)
     kmm._CHOSEN.pop(key, None)
-    first = mxfp4_matmul_triton(x, packed, scales, None, 32)  # tunes, launches the best, remembers it
-    assert kmm._CHOSEN[key] in kmm.DECODE_CONFIGS
-    again = mxfp4_matmul_triton(x, packed, scales, None, 32)  # launches the remembered config directly
+    first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # tunes, launches the best, remembers it
+    assert kmm._CHOSEN[key] in (kmm.GEMV_CONFIGS if m == 1 else kmm.DECODE_CONFIGS)
+    again = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # launches the remembered config directly
     assert torch.equal(first, again)
-    assert rel_err(again, reference(x, packed, scales, None, 32)) < MAX_REL_ERR
-
-
-@gpu
-def test_gpu_one_row_runs_the_cuda_core_kernel():
-    x, packed, scales, bias = make_inputs(1, 2048, 512, torch.bfloat16, True, 32, seed=17, device="cuda")
-    key = (1, 2048, 512, True, 32, torch.bfloat16, x.device)
-    kmm._CHOSEN.pop(key, None)
-    out = mxfp4_matmul_triton(x, packed, scales, bias, 32)
-    assert kmm._CHOSEN[key] in kmm.GEMV_CONFIGS
-    assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+    assert rel_err(again, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
 @gpu
