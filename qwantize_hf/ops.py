@@ -51,13 +51,16 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def inline_ptx_enabled() -> bool:
+    """Inline PTX in the kernels: off under the interpreter (it cannot run PTX) and with
+    QWANTIZE_HF_NO_INLINE_PTX=1; the kernels then run plain-op versions of the same arithmetic."""
+    return not _interpreting() and os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
+
+
 def inline_ptx_allowed(device: torch.device, capability: tuple[int, int]) -> bool:
     """Whether a kernel launched for ``device`` may use inline PTX that needs ``capability``:
-    not under the interpreter, not with QWANTIZE_HF_NO_INLINE_PTX=1, and only on a CUDA
-    device at least that new (the plain-op versions of the same arithmetic run elsewhere)."""
-    if _interpreting() or os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") == "1":
-        return False
-    return device_capability(device) >= capability
+    ``inline_ptx_enabled`` and a CUDA device at least that new."""
+    return inline_ptx_enabled() and device_capability(device) >= capability
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -115,15 +115,13 @@ def _dequantize_words_bf16(words, scale_bytes, BLOCK_SIZE: tl.constexpr, INTERPR
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
     WORDS_PER_BLOCK: tl.constexpr = BLOCK_SIZE // _CODES_PER_WORD
-    pairs = _code_pairs(words)
     scale = e8m0_value(scale_bytes.to(tl.int32))  # exact: a power of two, or NaN
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [R, W // WORDS_PER_BLOCK, WORDS_PER_BLOCK]), [R, W])
     if INTERPRET:
-        # The interpreter has no bf16 arithmetic and flushes bf16 subnormals: widen each
-        # half to the float32 with the same bits (bf16 is float32's top half) instead.
-        low = (pairs << 16).to(tl.float32, bitcast=True) * _DENORMAL_UNDO * scale[:, :, None]
-        high = (pairs & _HIGH_HALF).to(tl.float32, bitcast=True) * _DENORMAL_UNDO * scale[:, :, None]
-        return tl.join(low, high).to(tl.bfloat16)
+        # The interpreter has no bf16 arithmetic and flushes bf16 subnormals: the float32
+        # code values (each half widened to the float32 with the same bits) instead.
+        return (_code_values(words, False) * scale[:, :, None, None]).to(tl.bfloat16)
+    pairs = _code_pairs(words)
     scale = scale.to(tl.bfloat16)[:, :, None]
     low = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True) * _DENORMAL_UNDO * scale
     high = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True) * _DENORMAL_UNDO * scale
@@ -708,8 +706,8 @@ def mxfp4_matmul_triton(
         config = _CHOSEN.get(key)
         if config is None:
             tuned = _gemv_kernel if m <= GEMV_MAX_M else _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
-    gemv = tuned is _gemv_kernel if tuned is not None else is_gemv_config(config)
     configs = (config,) if tuned is None else tuple(tuned.configs)
+    gemv = is_gemv_config(configs[0])
     # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
     # between calls would be shared by calls on concurrent streams too.
     partial, counters = workspace if workspace is not None else split_k_workspace(m, n, configs, x.device)

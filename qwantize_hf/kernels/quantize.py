@@ -20,7 +20,6 @@ of different groups and the kernel spends more on shuffling halves than it saves
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -28,7 +27,7 @@ import triton.language as tl
 
 from qwantize_hf import constants as C
 from qwantize_hf.format import EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW
-from qwantize_hf.ops import device_capability
+from qwantize_hf.ops import device_capability, inline_ptx_enabled
 
 METHOD_IDS = {"naive": 0, "even": 1, "mse": 2}
 
@@ -104,13 +103,11 @@ _CODE_PAIR_ASM: tl.constexpr = tl.constexpr(
 # interpreter cannot run PTX; it runs the same operations as plain tl ops) or when
 # QWANTIZE_HF_NO_INLINE_PTX=1 (same bytes, slower: LLVM pairs the wrong elements into
 # f16x2 registers; eval/bench_quantize.py times both). Read at import, as triton.jit
-# reads TRITON_INTERPRET to choose the interpreter for this module's kernels. The
-# one-row matmul kernel (kernels/matmul.py) reads the same switch for its bf16x2 multiply.
+# reads TRITON_INTERPRET to choose the interpreter for this module's kernels. Same rule
+# (ops.inline_ptx_enabled) as the one-row matmul's bf16x2 multiply, checked per launch there.
 _THREADS_PER_WARP = 32
 _HALF_SEARCH_CAPABILITY = (8, 0)
-_PACKED_ASM: tl.constexpr = tl.constexpr(
-    os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
-)
+_PACKED_ASM: tl.constexpr = tl.constexpr(inline_ptx_enabled())
 
 
 @triton.jit
