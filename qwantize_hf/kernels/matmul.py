@@ -29,6 +29,8 @@ The multiplies must keep subnormals (they do: Triton does not flush them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -657,16 +659,21 @@ def split_k_workspace(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 partials and zeroed arrival counters for split-K launches of ``configs`` on an [m, n] output."""
     max_split = max(cfg.kwargs["SPLIT_K"] for cfg in configs)
+    if max_split == 1:
+        # A split-1 launch touches neither buffer: no allocation, and no memset of counters
+        # (one kernel launch less a call).
+        return _unused_workspace(device)
     # A GEMV config's tiles are one row of x high.
     most_tiles = max(triton.cdiv(m, c.kwargs.get("BLOCK_M", 1)) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
-    partial = torch.empty(max_split * m * n if max_split > 1 else 1, dtype=torch.float32, device=device)
-    # A split-1 launch never reads its counters: no memset for them (one kernel launch less a call).
-    counters = (
-        torch.zeros(most_tiles, dtype=torch.int32, device=device)
-        if max_split > 1
-        else torch.empty(1, dtype=torch.int32, device=device)
-    )
+    partial = torch.empty(max_split * m * n, dtype=torch.float32, device=device)
+    counters = torch.zeros(most_tiles, dtype=torch.int32, device=device)
     return partial, counters
+
+
+@functools.cache
+def _unused_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pointers a split-1 launch is passed and never reads or writes: one pair per device."""
+    return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
 
 
 def mxfp4_matmul_triton(
