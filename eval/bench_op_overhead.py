@@ -43,7 +43,7 @@ def main() -> None:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     packed, scales = quantize_mxfp4(w)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    config = kmm.DECODE_CONFIGS[0]
+    config = kmm.GEMV_CONFIGS[0]  # M = 1 runs the one-row kernel
     work = kmm.split_k_workspace(1, n, (config,), x.device)
     rows = {
         "bf16 F.linear": lambda: F.linear(x, w),
