@@ -10,6 +10,10 @@ the autotuned dispatch, CUDA graphs and torch.compile on CUDA.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,3 +242,35 @@ def test_gpu_torch_compile_matches_eager():
     module = _TinyMXFP4(packed, scales, bias)
     compiled = torch.compile(module, fullgraph=True)
     torch.testing.assert_close(compiled(x), module(x))
+
+
+# Run in a fresh process: the first launch of each kernel (and its autotuning) must happen
+# inside torch.compile's CUDA-graph warm-up, where every tensor allocated comes from the graph
+# pool. A tensor kept alive past the call (a cached buffer, say) then fails the pool check.
+_REDUCE_OVERHEAD_SCRIPT = """
+import torch
+from qwantize_hf import quantize_mxfp4
+from qwantize_hf.matmul import mxfp4_linear
+from tests.test_matmul import reference, rel_err, MAX_REL_ERR
+
+w = torch.randn(3072, 1536, device="cuda") * 0.02
+packed, scales = quantize_mxfp4(w)
+bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+step = torch.compile(lambda x: mxfp4_linear(x, packed, scales, bias), mode="reduce-overhead", fullgraph=True)
+for m in (1, 4):  # the CUDA-core kernel (split 1) and the tensor-core decode configs (split-K)
+    for seed in range(4):  # warm-up, capture, replays
+        x = torch.randn(m, 1536, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+        out = step(x).clone()
+        assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR, (m, seed)
+print("ok")
+"""
+
+
+@gpu
+def test_gpu_reduce_overhead_compile_in_fresh_process():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", _REDUCE_OVERHEAD_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

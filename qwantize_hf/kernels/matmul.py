@@ -29,8 +29,6 @@ The multiplies must keep subnormals (they do: Triton does not flush them).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -315,7 +313,8 @@ def _store_tile(
     bias_ptr,
     out_ptr,
     partial_ptr,
-    counter,
+    counter_ptr,
+    tile,
     offs_n,
     n_ok,
     tile_mask,
@@ -331,9 +330,11 @@ def _store_tile(
 
     Each split publishes its float32 partial; the last of the SPLIT_K programs of this
     output tile to arrive (acq_rel counter) sums them all and resets the counter (the
-    autotuner reruns a launch with the same counters).
+    autotuner reruns a launch with the same counters). Split-1 launches pass None for
+    ``partial_ptr`` and ``counter_ptr``: no buffer is allocated for them.
     """
     if SPLIT_K > 1:
+        counter = counter_ptr + tile
         tl.store(partial_ptr + pid_k * mn + tile_off, acc, mask=tile_mask)
         # Every thread's partial store must precede the release below, not only the
         # storing thread's: the barrier orders them within the program.
@@ -425,7 +426,8 @@ def _mxfp4_gemv_kernel(
         bias_ptr,
         out_ptr,
         partial_ptr,
-        counter_ptr + pid_m * tl.num_programs(0) + pid_n,
+        counter_ptr,
+        pid_m * tl.num_programs(0) + pid_n,
         offs_n,
         n_ok,
         n_ok[:, None],
@@ -565,7 +567,8 @@ def _mxfp4_matmul_kernel(
         bias_ptr,
         out_ptr,
         partial_ptr,
-        counter_ptr + pid_m * tiles_n + pid_n,
+        counter_ptr,
+        pid_m * tiles_n + pid_n,
         offs_n,
         n_ok,
         tile_mask,
@@ -656,24 +659,20 @@ def _m_bucket(m: int) -> int:
 
 def split_k_workspace(
     m: int, n: int, configs: tuple[triton.Config, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Float32 partials and zeroed arrival counters for split-K launches of ``configs`` on an [m, n] output."""
     max_split = max(cfg.kwargs["SPLIT_K"] for cfg in configs)
     if max_split == 1:
-        # A split-1 launch touches neither buffer: no allocation, and no memset of counters
-        # (one kernel launch less a call).
-        return _unused_workspace(device)
+        # A split-1 launch touches neither buffer: None for both (Triton compiles the launch
+        # without them), so no allocation and no memset of counters. Not a cached placeholder
+        # either: a tensor allocated during CUDA-graph warm-up belongs to the graph's memory
+        # pool, and torch.compile's CUDA graphs refuse live pool tensors they do not track.
+        return None, None
     # A GEMV config's tiles are one row of x high.
     most_tiles = max(triton.cdiv(m, c.kwargs.get("BLOCK_M", 1)) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
     partial = torch.empty(max_split * m * n, dtype=torch.float32, device=device)
     counters = torch.zeros(most_tiles, dtype=torch.int32, device=device)
     return partial, counters
-
-
-@functools.cache
-def _unused_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pointers a split-1 launch is passed and never reads or writes: one pair per device."""
-    return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
 
 
 def mxfp4_matmul_triton(
@@ -683,7 +682,7 @@ def mxfp4_matmul_triton(
     bias: torch.Tensor | None,
     block_size: int,
     config: triton.Config | None = None,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    workspace: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(packed [N, K/2], scales [N, K/block_size]).T + bias`` in ``x.dtype``.
 
