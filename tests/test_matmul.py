@@ -119,6 +119,27 @@ def test_subnormal_codes_survive(name):
     assert rel_err(out, reference(x, packed, scales, None, 32)) < MAX_REL_ERR
 
 
+@pytest.mark.parametrize("name", ["gemv", "gemv-4rows"])
+def test_gemv_rows_of_x_not_16_byte_aligned(name):
+    """x rows at an odd element offset: the CUDA-core kernel reads x as aligned int32 pairs
+    (16-byte vectors on the GPU), so the launcher copies such an x first; same result."""
+    x, packed, scales, bias = make_inputs(3, 40, 224, torch.bfloat16, True, 32, seed=21, device=KERNEL_DEVICE)
+    wide = torch.zeros(3, 225, dtype=x.dtype, device=x.device)
+    wide[:, 1:] = x
+    shifted = wide[:, 1:]  # row stride 225 elements, first element 2 bytes past an aligned start
+    out = mxfp4_matmul_triton(shifted, packed, scales, bias, 32, config=CPU_CONFIGS[name])
+    assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+
+
+def test_gemv_needs_k_a_multiple_of_32():
+    """The CUDA-core kernel takes K in groups of 32 codes: block size 16 with K = 16 mod 32
+    goes to the decode configs, and forcing a GEMV config there is an error naming K."""
+    assert kmm._gemv_fits(1, 224) and not kmm._gemv_fits(1, 208) and not kmm._gemv_fits(2, 224)
+    x, packed, scales, _ = make_inputs(1, 8, 208, torch.bfloat16, False, 16, seed=22, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="K a multiple of 32, got K = 208"):
+        mxfp4_matmul_triton(x, packed, scales, None, 16, config=CPU_CONFIGS["gemv"])
+
+
 def test_op_matches_dequantize_then_linear_with_leading_dims():
     x, packed, scales, bias = make_inputs(6, 24, 96, torch.bfloat16, True, 32, seed=3, device="cpu")
     x = x.reshape(2, 3, 96)

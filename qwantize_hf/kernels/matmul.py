@@ -5,10 +5,11 @@ weight never exists in global memory: each program turns a tile of packed bytes 
 ``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
 
 M = 1 (one token of batch-1 decoding) has a kernel of its own, ``_mxfp4_gemv_kernel``:
-no tensor cores, no padding of x to 16 rows; the codes, loaded 32 (one scale block) to a
-16-byte load, become float32 values that the CUDA cores multiply into float32 sums. On the H100 it beats the
-tensor-core decode configs at M = 1 on every Llama-3-8B layer shape
-(eval/results/bench_matmul_h100.md). The tensor-core kernel's two launch families share
+no tensor cores, no padding of x to 16 rows. Each thread loads 32 codes (one scale block)
+in one 16-byte load and the 64 bytes of x they multiply, turns the codes into float32
+values and sums the products in float32; nothing moves between threads until the end.
+On the H100 it beats the tensor-core decode configs at M = 1 on every Llama-3-8B layer
+shape (eval/results/bench_matmul_h100.md). The tensor-core kernel's two launch families share
 one kernel body and differ only in their configs:
 
 - decode (M <= ``DECODE_MAX_M``): memory-bound. The weight tile is the dot's register
@@ -61,8 +62,10 @@ _HIGH_HALF: tl.constexpr = tl.constexpr(-(1 << 16))  # 0xFFFF0000 as int32
 _PAIR_UNDO: tl.constexpr = tl.constexpr(((C.F32_EXP_BIAS + C.F32_EXP_BIAS - 1) << _BF16_MANTISSA_BITS) * 0x10001)
 
 _BF16X2_MUL_CAPABILITY = (9, 0)  # PTX mul.bf16x2 needs sm_90
+_VECTOR_LOAD_CAPABILITY = (7, 0)  # ld.global.nc.v4 runs on every GPU Triton supports
 
 GEMV_MAX_M = 1  # rows of x up to which the CUDA-core kernel runs
+GEMV_K_MULTIPLE = 32  # it takes K in groups of 4 words (32 codes); other K go to the decode configs
 DECODE_MAX_M = 16  # rows of x up to which the decode configs are used
 _DECODE_BLOCK_M = 16  # smallest tl.dot extent; x rows are padded to it
 
@@ -247,13 +250,17 @@ def _k_step(
 def _code_values(words, PTX_MUL: tl.constexpr):
     """[R, W] int32 words of packed codes -> float32 [R, W, 4, 2], the exact unscaled code values:
     element 8w + p + 4h at [r, w, p, h]."""
-    pairs = _code_pairs(words)
+    low, high = _pair_f32(_code_pairs(words), PTX_MUL)
+    return tl.join(low, high)
+
+
+@triton.jit
+def _pair_f32(pairs, PTX_MUL: tl.constexpr):
+    """int32 pairs from ``_code_pair`` -> (low, high) float32 code values, exact and unscaled."""
     if PTX_MUL:
         # One bf16x2 multiply undoes 2**-126 in both halves (exact: at most 2 significant
         # bits, subnormals kept); widening a bf16 to float32 is then a shift or a mask.
         # mul.bf16x2 needs sm_90 (_BF16X2_MUL_CAPABILITY); elsewhere the float32 multiply runs.
-        # 4-6% faster than the float32 multiply per value below on the H100
-        # (eval/results/sweep_gemv_ptx_h100.md vs sweep_gemv_noptx_h100.md).
         pairs = tl.inline_asm_elementwise(
             "mul.rn.bf16x2 $0, $1, $2;",
             "=r,r,r",
@@ -267,44 +274,113 @@ def _code_values(words, PTX_MUL: tl.constexpr):
     else:
         low = (pairs << 16).to(tl.float32, bitcast=True) * _DENORMAL_UNDO
         high = (pairs & _HIGH_HALF).to(tl.float32, bitcast=True) * _DENORMAL_UNDO
-    return tl.join(low, high)
+    return low, high
 
 
 @triton.jit
-def _gemv_step(
-    acc,
-    x_ptrs,
-    w_ptrs,
-    s_ptrs,
-    w0,
-    w_end,
-    BLOCK_SIZE: tl.constexpr,
-    MASKED: tl.constexpr,
-    PTX_MUL: tl.constexpr,
-):
-    """One step of ``_mxfp4_gemv_kernel``: words w0 .. w0 + BLOCK_W of each weight row.
+def _x_pair_f32(x_pair, X_BF16: tl.constexpr):
+    """int32 holding two 16-bit x elements (memory order: low half first) -> two float32."""
+    if X_BF16:
+        return (x_pair << 16).to(tl.float32, bitcast=True), (x_pair & _HIGH_HALF).to(tl.float32, bitcast=True)
+    low = x_pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
 
-    ``x_ptrs`` [BLOCK_W, 4, 2] point at x's elements in the order of ``_code_values``
-    for w0 = 0; ``acc`` [BLOCK_N, blocks] holds one float32 sum per scale block, so each
-    block's products are summed before its scale multiplies them once.
+
+@triton.jit
+def _word_dot(total, word, x_quad, X_BF16: tl.constexpr, PTX_MUL: tl.constexpr):
+    """``total`` plus the sum over the 8 codes of ``word`` of code value * x element: float32, unscaled.
+
+    ``x_quad``: the word's 8 x elements as 4 int32 pairs (``_load_quad``), broadcast over its rows.
+    ``_code_pair(word, p)`` holds codes p and p + 4.
     """
-    BLOCK_N: tl.constexpr = w_ptrs.shape[0]
-    BLOCK_W: tl.constexpr = w_ptrs.shape[1]
-    WORDS_PER_BLOCK: tl.constexpr = BLOCK_SIZE // _CODES_PER_WORD
-    BLOCKS: tl.constexpr = BLOCK_W // WORDS_PER_BLOCK
-    if MASKED:
-        w_ok = (w0 + tl.arange(0, BLOCK_W)) < w_end
-        s_ok = (w0 + tl.arange(0, BLOCKS) * WORDS_PER_BLOCK) < w_end
-        words = tl.load(w_ptrs + w0, mask=w_ok[None, :], other=0)
-        scale_bytes = tl.load(s_ptrs + w0 // WORDS_PER_BLOCK, mask=s_ok[None, :], other=0)
-        x = tl.load(x_ptrs + w0 * _CODES_PER_WORD, mask=w_ok[:, None, None], other=0.0)
+    x0, x1 = _x_pair_f32(x_quad[0], X_BF16)
+    x2, x3 = _x_pair_f32(x_quad[1], X_BF16)
+    x4, x5 = _x_pair_f32(x_quad[2], X_BF16)
+    x6, x7 = _x_pair_f32(x_quad[3], X_BF16)
+    # One multiply-add a code, in a single chain.
+    low, high = _pair_f32(_code_pair(word, 0), PTX_MUL)
+    total += low * x0
+    total += high * x4
+    low, high = _pair_f32(_code_pair(word, 1), PTX_MUL)
+    total += low * x1
+    total += high * x5
+    low, high = _pair_f32(_code_pair(word, 2), PTX_MUL)
+    total += low * x2
+    total += high * x6
+    low, high = _pair_f32(_code_pair(word, 3), PTX_MUL)
+    total += low * x3
+    return total + high * x7
+
+
+@triton.jit
+def _load_quad(ptrs, PTX_LOAD: tl.constexpr):
+    """Four consecutive int32 at each of ``ptrs`` (16-byte aligned), in ``ptrs``' layout."""
+    if PTX_LOAD:
+        # One 16-byte load a pointer, and its results stay in the registers of the thread
+        # that computes with them: a tl.load here would get a layout of Triton's choosing and
+        # a conversion through shared memory, with barriers, every step.
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,l",
+            [ptrs],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    return tl.load(ptrs), tl.load(ptrs + 1), tl.load(ptrs + 2), tl.load(ptrs + 3)
+
+
+@triton.jit
+def _load_scale_bytes(ptrs, PTX_LOAD: tl.constexpr):
+    """The scale byte at each of ``ptrs`` as int32, in ``ptrs``' layout (see ``_load_quad``)."""
+    if PTX_LOAD:
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.u8 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return tl.load(ptrs).to(tl.int32)
+
+
+@triton.jit
+def _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE: tl.constexpr, PTX_LOAD: tl.constexpr):
+    """One step of ``_mxfp4_gemv_kernel``'s operands at word w0, per group of 4 words: the
+    words ([BLOCK_N, G] each), their scale bytes, and for each word its 8 x elements as 4
+    int32 pairs ([1, G] each)."""
+    words = _load_quad(w_ptrs + w0, PTX_LOAD)
+    xq = x_ptrs + w0 * (_CODES_PER_WORD // 2)
+    x = (
+        _load_quad(xq, PTX_LOAD),
+        _load_quad(xq + 4, PTX_LOAD),
+        _load_quad(xq + 8, PTX_LOAD),
+        _load_quad(xq + 12, PTX_LOAD),
+    )
+    BLOCKS_PER_GROUP: tl.constexpr = 4 * _CODES_PER_WORD // BLOCK_SIZE
+    s_0 = _load_scale_bytes(s_ptrs + w0 // 4 * BLOCKS_PER_GROUP, PTX_LOAD)
+    if BLOCKS_PER_GROUP == 2:
+        s_1 = _load_scale_bytes(s_ptrs + w0 // 4 * BLOCKS_PER_GROUP + 1, PTX_LOAD)
     else:
-        words = tl.load(w_ptrs + w0)
-        scale_bytes = tl.load(s_ptrs + w0 // WORDS_PER_BLOCK)
-        x = tl.load(x_ptrs + w0 * _CODES_PER_WORD)
-    products = _code_values(words, PTX_MUL) * x.to(tl.float32)[None, :, :, :]
-    sums = tl.sum(tl.reshape(products, [BLOCK_N, BLOCKS, BLOCK_SIZE]), 2)
-    return acc + sums * e8m0_value(scale_bytes.to(tl.int32))  # the scale is exact: a power of two, or NaN
+        s_1 = s_0
+    return words, (s_0, s_1), x
+
+
+@triton.jit
+def _gemv_math(acc, ops, ok, BLOCK_SIZE: tl.constexpr, X_BF16: tl.constexpr, PTX_MUL: tl.constexpr):
+    """Add one step's products to ``acc`` [BLOCK_N, G]: each scale block's products are
+    summed in float32 before its scale multiplies them once. Groups where ``ok`` is false
+    (past the end of a partial last step) add exact zeros, whatever they loaded."""
+    words, scale_bytes, x = ops
+    # Two blocks (BLOCK_SIZE 16) or one (32) in a group of 4 words.
+    d = _word_dot(tl.zeros_like(acc), words[0], x[0], X_BF16, PTX_MUL)
+    d = _word_dot(d, words[1], x[1], X_BF16, PTX_MUL)
+    if BLOCK_SIZE == 4 * _CODES_PER_WORD:
+        d = _word_dot(d, words[2], x[2], X_BF16, PTX_MUL)
+        d = _word_dot(d, words[3], x[3], X_BF16, PTX_MUL)
+        group = d * e8m0_value(scale_bytes[0])  # the scale is exact: a power of two, or NaN
+    else:
+        d2 = _word_dot(tl.zeros_like(acc), words[2], x[2], X_BF16, PTX_MUL)
+        d2 = _word_dot(d2, words[3], x[3], X_BF16, PTX_MUL)
+        group = d * e8m0_value(scale_bytes[0]) + d2 * e8m0_value(scale_bytes[1])
+    return acc + tl.where(ok, group, 0.0)
 
 
 @triton.jit
@@ -374,16 +450,27 @@ def _mxfp4_gemv_kernel(
     BLOCK_W: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PTX_MUL: tl.constexpr,
+    PTX_LOAD: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """One row of x on the CUDA cores: BLOCK_N weight rows, BLOCK_W words (8 codes each) a step.
 
     Memory-bound like the decode configs, but with neither the 16-row padding of x nor
-    the staging of x in shared memory for the tensor cores. K is split over SPLIT_K
-    programs; grid axis 2 is the row of x (each row reads the whole weight, so the
-    dispatch gives this kernel M = 1 only).
+    the staging of x in shared memory for the tensor cores. Each thread takes groups of
+    4 consecutive words (32 codes, 16 bytes) of its rows and the 64 bytes of x they
+    multiply, so a scale block's sum never leaves the thread; every tensor is
+    [BLOCK_N, BLOCK_W // 4] in one layout, and nothing moves between threads until the
+    final sum over groups. K is split over SPLIT_K programs; grid axis 2 is the row of x
+    (each row reads the whole weight, so the dispatch gives this kernel M = 1 only).
+    ``PTX_LOAD`` makes every load a 16-byte vector load in that layout (``_load_quad``):
+    K is a multiple of 32 and the launcher aligns x's rows to 16 bytes. Without it (the
+    interpreter, ``QWANTIZE_HF_NO_INLINE_PTX``) plain loads read the same values, more slowly.
     """
-    tl.static_assert(BLOCK_W * _CODES_PER_WORD >= BLOCK_SIZE, "BLOCK_W must cover at least one scale block")
+    tl.static_assert(BLOCK_W % 4 == 0, "BLOCK_W must be whole groups of 4 words")
+    tl.static_assert(4 * _CODES_PER_WORD % BLOCK_SIZE == 0, "a group of 4 words must hold whole scale blocks")
+    G: tl.constexpr = BLOCK_W // 4
+    BLOCKS_PER_GROUP: tl.constexpr = 4 * _CODES_PER_WORD // BLOCK_SIZE
+    X_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -398,25 +485,41 @@ def _mxfp4_gemv_kernel(
     w_end = min(words_k, w_begin + steps_per_split * BLOCK_W)
     w_full = w_begin + tl.maximum(w_end - w_begin, 0) // BLOCK_W * BLOCK_W
 
-    kw = tl.arange(0, BLOCK_W)
-    w_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k + kw[None, :]
-    s_ptrs = scales_ptr + rows_n[:, None] * blocks_k + tl.arange(0, BLOCK_W * _CODES_PER_WORD // BLOCK_SIZE)[None, :]
-    # x element 8w + p + 4h at [w, p, h], the order _code_values makes.
-    xk = kw[:, None, None] * _CODES_PER_WORD + tl.arange(0, 4)[None, :, None]
-    xk = xk + (_CODES_PER_WORD // 2) * tl.arange(0, 2)[None, None, :]
-    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xk
+    g4 = 4 * tl.arange(0, G)  # first word of each group in a step
+    w_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k + g4[None, :]
+    s_ptrs = scales_ptr + rows_n[:, None] * blocks_k + (g4 // 4 * BLOCKS_PER_GROUP)[None, :]
+    # x as int32 pairs of elements: word w's 8 elements are pairs 4w .. 4w + 3.
+    x_row = (x_ptr + pid_m.to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int32))
+    x_ptrs = x_row + (4 * g4)[None, :]
 
-    acc = tl.zeros((BLOCK_N, BLOCK_W * _CODES_PER_WORD // BLOCK_SIZE), dtype=tl.float32)
-    if INTERPRET:
-        w0 = w_begin  # see _mxfp4_matmul_kernel: no runtime range() bound in the interpreter
-        while w0 < w_full:
-            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, PTX_MUL)
-            w0 += BLOCK_W
-    else:
-        for w0 in range(w_begin, w_full, BLOCK_W):
-            acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w0, w_end, BLOCK_SIZE, False, PTX_MUL)
+    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    if w_full > w_begin:
+        # Each step's loads are issued before the previous step's arithmetic, so a warp keeps
+        # a step of weight bytes in flight while it decodes.
+        ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w_begin, BLOCK_SIZE, PTX_LOAD)
+        if INTERPRET:
+            w0 = w_begin + BLOCK_W  # see _mxfp4_matmul_kernel: no runtime range() bound in the interpreter
+            while w0 < w_full:
+                next_ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE, PTX_LOAD)
+                acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
+                ops = next_ops
+                w0 += BLOCK_W
+        else:
+            for w0 in range(w_begin + BLOCK_W, w_full, BLOCK_W):
+                next_ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE, PTX_LOAD)
+                acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
+                ops = next_ops
+        acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
     if w_full < w_end:
-        acc = _gemv_step(acc, x_ptrs, w_ptrs, s_ptrs, w_full, w_end, BLOCK_SIZE, True, PTX_MUL)
+        # The partial last step: groups past w_end read the last group (a valid address)
+        # and add zeros.
+        first = w_full + g4
+        shift = tl.minimum(first, words_k - 4) - first  # <= 0; 0 for groups in range
+        ops = _gemv_load(
+            w_ptrs + shift[None, :], s_ptrs + (shift // 4 * BLOCKS_PER_GROUP)[None, :],
+            x_ptrs + (4 * shift)[None, :], w_full, BLOCK_SIZE, PTX_LOAD,
+        )  # fmt: skip
+        acc = _gemv_math(acc, ops, (first < w_end)[None, :], BLOCK_SIZE, X_BF16, PTX_MUL)
 
     # A [BLOCK_N, 1] tile, indexed [n, m] like the tensor-core kernel's with the weight as A.
     offs_n64 = offs_n.to(tl.int64)[:, None]
@@ -626,17 +729,18 @@ def _gemv_config(block_n, block_w, split_k, warps, stages) -> triton.Config:
     )
 
 
-# BLOCK_N / BLOCK_W (words of 8 codes) / SPLIT_K: the winners of `eval/sweep_decode.py
-# --kernels gemv,gemv-wide` at M = 1 on the H100 (eval/results/sweep_gemv_h100.md). Few
-# rows and long steps, K shared by the warps of one program: no split over programs, so
-# no partial sums and no arrival counters to zero before each call (a memset launch that
-# took about 1 us of every call with split configs). 8/256 is within 5% of the best on
-# every Llama-3-8B shape.
+# BLOCK_N / BLOCK_W (words of 8 codes) / SPLIT_K, warps: the winners of `eval/sweep_decode.py
+# --kernels gemv` at M = 1 on the H100 (eval/results/sweep_gemv_h100.md), 8/128/4 warps
+# within 4% of the best on the four large Llama-3-8B shapes; 4/256 wins on the k/v projections
+# (1024x4096). All split 1: K is shared by the threads of one program, so no partial sums
+# and no arrival counters to zero before each call. Stages do not apply (no tl.load to
+# pipeline; the kernel issues each step's loads before the previous step's math itself).
 GEMV_CONFIGS = (
-    _gemv_config(8, 256, 1, 4, 3),
-    _gemv_config(16, 256, 1, 4, 3),
-    _gemv_config(4, 256, 1, 4, 2),
-    _gemv_config(8, 512, 1, 4, 4),
+    _gemv_config(8, 128, 1, 4, 1),
+    _gemv_config(16, 128, 1, 8, 1),
+    _gemv_config(8, 64, 1, 2, 1),
+    _gemv_config(16, 256, 1, 8, 1),
+    _gemv_config(4, 256, 1, 4, 1),
 )
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "BLOCK_SIZE"]
@@ -650,6 +754,11 @@ _gemv_kernel = triton.autotune(configs=list(GEMV_CONFIGS), key=["M_BUCKET", "N",
 def is_gemv_config(config: triton.Config) -> bool:
     """Whether ``config`` is one for ``_mxfp4_gemv_kernel`` (else for the tensor-core kernel)."""
     return "BLOCK_W" in config.kwargs
+
+
+def _gemv_fits(m: int, k: int) -> bool:
+    """Whether the autotuned dispatch gives an [m, k] x to the CUDA-core kernel."""
+    return m <= GEMV_MAX_M and k % GEMV_K_MULTIPLE == 0
 
 
 def _m_bucket(m: int) -> int:
@@ -711,9 +820,15 @@ def mxfp4_matmul_triton(
         key = (_m_bucket(m), n, k, bias is not None, block_size, x.dtype, x.device)
         config = _CHOSEN.get(key)
         if config is None:
-            tuned = _gemv_kernel if m <= GEMV_MAX_M else _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
+            tuned = _gemv_kernel if _gemv_fits(m, k) else _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
     configs = (config,) if tuned is None else tuple(tuned.configs)
     gemv = is_gemv_config(configs[0])
+    if gemv and k % GEMV_K_MULTIPLE:
+        raise ValueError(f"the CUDA-core (GEMV) configs need K a multiple of {GEMV_K_MULTIPLE}, got K = {k}")
+    if gemv and (x.data_ptr() % 16 or (m > 1 and x.stride(0) * x.element_size() % 16)):
+        # That kernel reads x 16 bytes at a time (as int32 pairs of elements): its rows must
+        # start 16-byte aligned. A fresh copy's do (K % 32 == 0); a decode step's x is small.
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
     # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
     # between calls would be shared by calls on concurrent streams too.
     partial, counters = workspace if workspace is not None else split_k_workspace(m, n, configs, x.device)
@@ -722,6 +837,7 @@ def mxfp4_matmul_triton(
     if gemv:
         args = (*common, k // 8, k // block_size, x.stride(0), n, _m_bucket(m))
         kwargs["PTX_MUL"] = inline_ptx_allowed(x.device, _BF16X2_MUL_CAPABILITY)
+        kwargs["PTX_LOAD"] = inline_ptx_allowed(x.device, _VECTOR_LOAD_CAPABILITY)
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
