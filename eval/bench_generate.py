@@ -57,26 +57,31 @@ def sync_time(fn) -> float:
 
 
 def profile_decode(model, ids, kwargs) -> None:
-    """Print the GPU kernels of one decode step by total time, from torch.profiler."""
+    """Print the GPU kernels of one decode step by total time, and the host operations by
+    their own CPU time, from torch.profiler."""
     one = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
     tokens = kwargs["max_new_tokens"] - 1  # the same cache length as the timed run: no recompilation
-    tables = []
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    gpu_tables, cpu_tables = [], []
     for run_kwargs in (one, kwargs):
-        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
             model.generate(ids, **run_kwargs)
             torch.cuda.synchronize()
-        tables.append({e.key: (e.device_time_total, e.count) for e in prof.key_averages()})
+        events = prof.key_averages()
+        gpu_tables.append({e.key: (e.device_time_total, e.count) for e in events if e.device_time_total > 0})
+        cpu_tables.append({e.key: (e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0})
     # The prefill and first token appear in both runs: the difference is the decode steps.
-    rows = []
-    for name, (total, count) in tables[1].items():
-        base_total, base_count = tables[0].get(name, (0.0, 0))
-        if count > base_count:
-            rows.append(((total - base_total) / tokens, (count - base_count) / tokens, name))
-    rows.sort(reverse=True)
-    step = sum(r[0] for r in rows)
-    print(f"GPU kernel time per decode step: {step:.0f} us, top kernels (us per step, calls per step):")
-    for us, calls, name in rows[:15]:
-        print(f"  {us:8.1f} us  {calls:6.1f}  {name[:110]}")
+    for title, tables in (("GPU kernel time", gpu_tables), ("host (self CPU) time", cpu_tables)):
+        rows = []
+        for name, (total, count) in tables[1].items():
+            base_total, base_count = tables[0].get(name, (0.0, 0))
+            if count > base_count:
+                rows.append(((total - base_total) / tokens, (count - base_count) / tokens, name))
+        rows.sort(reverse=True)
+        step = sum(r[0] for r in rows)
+        print(f"{title} per decode step: {step:.0f} us, top entries (us per step, calls per step):")
+        for us, calls, name in rows[:15]:
+            print(f"  {us:8.1f} us  {calls:6.1f}  {name[:110]}")
 
 
 def measure(model, label: str, args) -> dict:
@@ -107,8 +112,9 @@ def measure(model, label: str, args) -> dict:
             full = sync_time(lambda ids=ids, kwargs=kwargs: model.generate(ids, **kwargs))
         # Subtract the prefill-and-first-token time so the rate is decode steps alone.
         results[f"tok_s_b{batch}"] = batch * (args.new_tokens - 1) / (full - short)
-    if args.profile:
-        profile_decode(model, ids, kwargs)
+        print(f"batch {batch}: {(full - short) / (args.new_tokens - 1) * 1e3:.2f} ms a decode step (wall)", flush=True)
+        if args.profile:
+            profile_decode(model, ids, kwargs)
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         model.generate(torch.randint(0, vocab, (max(args.batches), args.prompt_tokens), device="cuda"), **kwargs)
@@ -126,7 +132,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of a decode step (last batch)")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the GPU kernels and host operations of a decode step (each batch)"
+    )
     parser.add_argument("--only", choices=("bf16", "mxfp4"), default=None, help="measure one weight format")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -10,7 +10,7 @@ workspace (``mxfp4_matmul_triton(..., workspace=...)``); the best config is time
 again as a whole call (fresh workspace: one small memset more) next to bf16 ``F.linear``.
 
     python eval/sweep_decode.py --out eval/results/sweep_decode_h100.md
-    python eval/sweep_decode.py --kernels gemv,gemv-wide,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
+    python eval/sweep_decode.py --kernels gemv,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ ROTATE_BYTES = 200 * 2**20
 
 def config_grid(kernels: list[str]) -> list[tuple]:
     """Config tuples, kernel name first: ("tc", BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or
-    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); "tc-shipped" is the shipped DECODE_CONFIGS,
-    "gemv-wide" split-1 gemv configs of 256-512 words a step."""
+    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); "tc-shipped" is the shipped DECODE_CONFIGS."""
     from qwantize_hf.kernels import matmul as kmm
 
     grid = []
@@ -52,16 +51,12 @@ def config_grid(kernels: list[str]) -> list[tuple]:
             kw = c.kwargs
             grid.append(("tc", kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], c.num_warps, c.num_stages))
     if "gemv" in kernels:
-        for block_n, block_w, split in itertools.product((16, 32, 64), (32, 64), (1, 2, 4)):
-            grid.append(("gemv", block_n, block_w, split, 4, 3))
-        grid.append(("gemv", 64, 64, 4, 8, 3))
-        # Split 1 (no partial sums, no counters to zero), K split between the warps of one program instead.
-        for block_n, block_w, warps in itertools.product((8, 16, 32), (128, 256), (4, 8)):
-            grid.append(("gemv", block_n, block_w, 1, warps, 3))
-    if "gemv-wide" in kernels:
-        for block_n, block_w, warps, stages in itertools.product((4, 8, 16), (256, 512), (4, 8), (2, 3, 4)):
-            grid.append(("gemv", block_n, block_w, 1, warps, stages))
-    return list(dict.fromkeys(grid))  # "gemv" and "gemv-wide" share a few configs
+        # Stages do not matter to this kernel (its loads are not Triton's to pipeline): 1.
+        for block_n, block_w, warps in itertools.product((2, 4, 8, 16, 32), (64, 128, 256, 512), (2, 4, 8)):
+            grid.append(("gemv", block_n, block_w, 1, warps, 1))
+        for block_n, block_w, split in itertools.product((4, 8, 16), (128, 256), (2, 4)):
+            grid.append(("gemv", block_n, block_w, split, 4, 1))
+    return grid
 
 
 def make_config(kernel, block_n, block_k, split, warps, stages):
@@ -109,7 +104,7 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--top", type=int, default=5, help="configs listed per shape and M")
-    parser.add_argument("--kernels", default="tc", help="tc, tc-shipped, gemv, gemv-wide: see config_grid")
+    parser.add_argument("--kernels", default="tc", help="tc, tc-shipped, gemv: see config_grid")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [int(v) for v in args.ms.split(",")]
