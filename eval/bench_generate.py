@@ -7,6 +7,9 @@ measures again with identical settings: greedy decode tokens/s at batch 1 and 8
 (static KV cache; generate() then compiles the decode step with CUDA graphs, for both,
 unless ``--no-compile``), prefill time for a 2k-token prompt, weight bytes
 and peak GPU memory. The embeddings and ``lm_head`` stay bf16 in both runs.
+generate() synchronises every step, so its tokens/s include 2-3 ms of host time a step
+that varies by machine; ``--graph-loop`` also times the compiled step replayed as one
+CUDA graph with no synchronisation between steps (the model's own decode rate).
 
     python eval/bench_generate.py --model 8b --out eval/results/bench_generate_h100.md
 
@@ -23,7 +26,7 @@ import time
 import torch
 from llama_shapes import CONFIGS  # eval/llama_shapes.py
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from qwantize_hf.linear import MXFP4Linear
 
@@ -84,6 +87,46 @@ def profile_decode(model, ids, kwargs) -> None:
             print(f"  {us:8.1f} us  {calls:6.1f}  {name[:110]}")
 
 
+def graph_decode_tok_s(model, batch: int, args, backend: str = "inductor") -> float:
+    """Greedy decode tokens/s of the model alone: the compiled decode step (static cache) captured
+    in one CUDA graph with its argmax and position update, replayed step after step with no
+    synchronisation in between, so no host time of generate() is counted (how a serving loop
+    that keeps the GPU fed would see it). ``backend``: torch.compile's (a CPU smoke test uses
+    "eager", without the graph)."""
+    total = args.prompt_tokens + args.new_tokens
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(batch)
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), device=device, generator=gen)
+    cache = StaticCache(config=model.config, max_cache_len=total)
+    forward = torch.compile(model.forward, fullgraph=True, backend=backend)
+    with torch.inference_mode():
+        logits = model(ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1], device=device)).logits
+        token = logits[:, -1:].argmax(-1)
+        position = torch.tensor([ids.shape[1]], device=device)
+
+        def step():
+            out = forward(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            token.copy_(out[:, -1:].argmax(-1))
+            position.add_(1)
+
+        warmup, steps = 3, args.new_tokens - 4  # the cache holds prompt + new_tokens positions
+        if device.type != "cuda":
+            for _ in range(warmup + steps):
+                step()
+            return float("nan")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # compiles, autotunes
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        seconds = sync_time(lambda: [graph.replay() for _ in range(steps)])
+    return batch * steps / seconds
+
+
 def measure(model, label: str, args) -> dict:
     t_start = time.perf_counter()
     vocab = model.config.vocab_size
@@ -113,6 +156,9 @@ def measure(model, label: str, args) -> dict:
         # Subtract the prefill-and-first-token time so the rate is decode steps alone.
         results[f"tok_s_b{batch}"] = batch * (args.new_tokens - 1) / (full - short)
         print(f"batch {batch}: {(full - short) / (args.new_tokens - 1) * 1e3:.2f} ms a decode step (wall)", flush=True)
+        if args.graph_loop:
+            results[f"graph_tok_s_b{batch}"] = graph_decode_tok_s(model, batch, args)
+            print(f"batch {batch}: CUDA-graph decode loop {results[f'graph_tok_s_b{batch}']:.1f} tok/s", flush=True)
         if args.profile:
             profile_decode(model, ids, kwargs)
     torch.cuda.reset_peak_memory_stats()
@@ -136,6 +182,11 @@ def main() -> None:
         "--profile", action="store_true", help="print the GPU kernels and host operations of a decode step (each batch)"
     )
     parser.add_argument("--only", choices=("bf16", "mxfp4"), default=None, help="measure one weight format")
+    parser.add_argument(
+        "--graph-loop",
+        action="store_true",
+        help="also time a CUDA-graph decode loop with no per-step synchronisation (compiles once more per batch)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -161,6 +212,10 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         rows.append(measure(model, "mxfp4 (fused kernel)", args))
+    # Rate columns: generate()'s tokens/s for each batch, then the CUDA-graph loop's.
+    rates = [(f"tok_s_b{b}", f"generate() tok/s b{b}") for b in args.batches]
+    if args.graph_loop:
+        rates += [(f"graph_tok_s_b{b}", f"graph-loop tok/s b{b}") for b in args.batches]
     lines = [
         f"model: Llama-{args.model} shapes from config (random weights), {n_quantized} decoder Linears quantized; "
         f"device {torch.cuda.get_device_name()}; torch {torch.__version__}",
@@ -169,14 +224,14 @@ def main() -> None:
         f"prefill = one forward over {args.prefill_tokens} tokens",
         "",
         "| weights | total weight GB | decoder-layer weight GB | prefill 2k ms | "
-        + " | ".join(f"decode tok/s b{b}" for b in args.batches)
+        + " | ".join(title for _, title in rates)
         + " | peak GPU GB |",
-        "|---" * (5 + len(args.batches)) + "|",
+        "|---" * (5 + len(rates)) + "|",
     ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['weights_gb']:.2f} | {r['decoder_gb']:.2f} | {r['prefill_ms']:.1f} | "
-            + " | ".join(f"{r[f'tok_s_b{b}']:.1f}" for b in args.batches)
+            + " | ".join(f"{r[key]:.1f}" for key, _ in rates)
             + f" | {r['peak_gb']:.2f} |"
         )
     if len(rows) == 2:
@@ -184,7 +239,7 @@ def main() -> None:
         lines.append(
             f"| ratio mxfp4/bf16 | {quant['weights_gb'] / base['weights_gb']:.3f} | "
             f"{quant['decoder_gb'] / base['decoder_gb']:.3f} | {quant['prefill_ms'] / base['prefill_ms']:.2f} | "
-            + " | ".join(f"{quant[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}" for b in args.batches)
+            + " | ".join(f"{quant[key] / base[key]:.2f}" for key, _ in rates)
             + f" | {quant['peak_gb'] / base['peak_gb']:.2f} |"
         )
     text = "\n".join(lines)
