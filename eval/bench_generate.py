@@ -74,7 +74,8 @@ def profile_decode(model, ids, kwargs) -> None:
         gpu_tables.append({e.key: (e.device_time_total, e.count) for e in events if e.device_time_total > 0})
         cpu_tables.append({e.key: (e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0})
     # The prefill and first token appear in both runs: the difference is the decode steps.
-    for title, tables in (("GPU kernel time", gpu_tables), ("host (self CPU) time", cpu_tables)):
+    host = "host (self CPU) time, waits for the GPU (cudaStreamSynchronize) included,"
+    for title, tables in (("GPU kernel time", gpu_tables), (host, cpu_tables)):
         rows = []
         for name, (total, count) in tables[1].items():
             base_total, base_count = tables[0].get(name, (0.0, 0))
@@ -98,7 +99,8 @@ def graph_decode_tok_s(model, batch: int, args, backend: str = "inductor") -> fl
     gen = torch.Generator(device=device).manual_seed(batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), device=device, generator=gen)
     cache = StaticCache(config=model.config, max_cache_len=total)
-    forward = torch.compile(model.forward, fullgraph=True, backend=backend)
+    # Static shapes: Dynamo would otherwise compile a later batch size with a symbolic batch.
+    forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=backend)
     with torch.inference_mode():
         logits = model(ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1], device=device)).logits
         token = logits[:, -1:].argmax(-1)
@@ -109,9 +111,13 @@ def graph_decode_tok_s(model, batch: int, args, backend: str = "inductor") -> fl
             token.copy_(out[:, -1:].argmax(-1))
             position.add_(1)
 
-        warmup, steps = 3, args.new_tokens - 4  # the cache holds prompt + new_tokens positions
+        # The cache holds prompt + new_tokens positions: 3 warm-up steps, one untimed replay
+        # (the graph's upload), the timed ones.
+        warmup, steps = 3, args.new_tokens - 5
+        if steps < 1:
+            raise ValueError(f"--graph-loop needs --new-tokens of at least 6, got {args.new_tokens}")
         if device.type != "cuda":
-            for _ in range(warmup + steps):
+            for _ in range(warmup + 1 + steps):
                 step()
             return float("nan")
         side = torch.cuda.Stream()
@@ -123,6 +129,7 @@ def graph_decode_tok_s(model, batch: int, args, backend: str = "inductor") -> fl
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
+        graph.replay()
         seconds = sync_time(lambda: [graph.replay() for _ in range(steps)])
     return batch * steps / seconds
 

@@ -52,9 +52,12 @@ def device_capability(device: torch.device) -> tuple[int, int]:
 
 
 def inline_ptx_enabled() -> bool:
-    """Inline PTX in the kernels: off under the interpreter (it cannot run PTX) and with
+    """Inline PTX in the kernels: off under the interpreter (it cannot run PTX), on ROCm builds
+    of torch (AMD GPUs also show as "cuda" devices, and have no PTX) and with
     QWANTIZE_HF_NO_INLINE_PTX=1; the kernels then run plain-op versions of the same arithmetic."""
-    return not _interpreting() and os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
+    if _interpreting() or torch.version.hip is not None:
+        return False
+    return os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
 
 
 def inline_ptx_allowed(device: torch.device, capability: tuple[int, int]) -> bool:

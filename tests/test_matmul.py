@@ -39,7 +39,10 @@ CPU_CONFIGS = {
     # The CUDA-core kernel (any M, though dispatch gives it M <= GEMV_MAX_M): 8, 16 and 4 words a step.
     "gemv": _gemv_config(16, 8, 1, 4, 1),
     "gemv-4rows": _gemv_config(4, 16, 1, 4, 1),
-    "gemv-splitk": _gemv_config(32, 4, 3, 4, 1),
+    # Split-K with a partial last step (K = 416: splits of 24, 24 and 4 words) and with
+    # empty splits (4 splits of 16-word steps over K = 160 or 96).
+    "gemv-splitk": _gemv_config(32, 8, 3, 4, 1),
+    "gemv-splitk-empty": _gemv_config(16, 16, 4, 4, 1),
 }
 # (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,
 # M not a power of two, fp16, block size 16.
@@ -129,6 +132,13 @@ def test_gemv_rows_of_x_not_16_byte_aligned(name):
     shifted = wide[:, 1:]  # row stride 225 elements, first element 2 bytes past an aligned start
     out = mxfp4_matmul_triton(shifted, packed, scales, bias, 32, config=CPU_CONFIGS[name])
     assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+    # The interpreter reads misaligned int32 without complaint, so check the copy itself.
+    for view in (shifted, shifted[:1]):
+        given = kmm._gemv_x(view)
+        assert given.data_ptr() % 16 == 0 and given.stride(0) * given.element_size() % 16 == 0
+        assert torch.equal(given, view)
+    aligned = torch.zeros(2, 224, dtype=torch.bfloat16)
+    assert kmm._gemv_x(aligned) is aligned  # no copy when it is not needed
 
 
 def test_gemv_needs_k_a_multiple_of_32():

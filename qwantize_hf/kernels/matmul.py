@@ -5,9 +5,11 @@ weight never exists in global memory: each program turns a tile of packed bytes 
 ``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
 
 M = 1 (one token of batch-1 decoding) has a kernel of its own, ``_mxfp4_gemv_kernel``:
-no tensor cores, no padding of x to 16 rows. Each thread loads 32 codes (one scale block)
-in one 16-byte load and the 64 bytes of x they multiply, turns the codes into float32
-values and sums the products in float32; nothing moves between threads until the end.
+no tensor cores, no padding of x to 16 rows. Each thread loads groups of 32 codes of a
+row (one or two scale blocks) in one 16-byte load each, with the 64 bytes of x they
+multiply, turns the codes into float32 values and sums the products in float32; nothing
+moves between threads until the end. It needs K a multiple of 32 (other K, possible with
+block size 16, go to the decode configs).
 On the H100 it beats the tensor-core decode configs at M = 1 on every Llama-3-8B layer
 shape (eval/results/bench_matmul_h100.md). The tensor-core kernel's two launch families share
 one kernel body and differ only in their configs:
@@ -62,7 +64,7 @@ _HIGH_HALF: tl.constexpr = tl.constexpr(-(1 << 16))  # 0xFFFF0000 as int32
 _PAIR_UNDO: tl.constexpr = tl.constexpr(((C.F32_EXP_BIAS + C.F32_EXP_BIAS - 1) << _BF16_MANTISSA_BITS) * 0x10001)
 
 _BF16X2_MUL_CAPABILITY = (9, 0)  # PTX mul.bf16x2 needs sm_90
-_VECTOR_LOAD_CAPABILITY = (7, 0)  # ld.global.nc.v4 runs on every GPU Triton supports
+_VECTOR_LOAD_CAPABILITY = (7, 0)  # ld.global.nc.v4: every NVIDIA GPU Triton supports
 
 GEMV_MAX_M = 1  # rows of x up to which the CUDA-core kernel runs
 GEMV_K_MULTIPLE = 32  # it takes K in groups of 4 words (32 codes); other K go to the decode configs
@@ -733,8 +735,9 @@ def _gemv_config(block_n, block_w, split_k, warps, stages) -> triton.Config:
 # --kernels gemv` at M = 1 on the H100 (eval/results/sweep_gemv_h100.md), 8/128/4 warps
 # within 4% of the best on the four large Llama-3-8B shapes; 4/256 wins on the k/v projections
 # (1024x4096). All split 1: K is shared by the threads of one program, so no partial sums
-# and no arrival counters to zero before each call. Stages do not apply (no tl.load to
-# pipeline; the kernel issues each step's loads before the previous step's math itself).
+# and no arrival counters to zero before each call. Stages do not apply with the PTX loads
+# (the kernel issues each step's loads before the previous step's math itself); the plain
+# tl.load path (QWANTIZE_HF_NO_INLINE_PTX) runs unpipelined with these configs.
 GEMV_CONFIGS = (
     _gemv_config(8, 128, 1, 4, 1),
     _gemv_config(16, 128, 1, 8, 1),
@@ -759,6 +762,15 @@ def is_gemv_config(config: triton.Config) -> bool:
 def _gemv_fits(m: int, k: int) -> bool:
     """Whether the autotuned dispatch gives an [m, k] x to the CUDA-core kernel."""
     return m <= GEMV_MAX_M and k % GEMV_K_MULTIPLE == 0
+
+
+def _gemv_x(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for the CUDA-core kernel, which reads it 16 bytes at a time (as int32 pairs of
+    elements): its rows must start 16-byte aligned. A fresh copy's do (K % 32 == 0); a
+    decode step's x is small."""
+    if x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) * x.element_size() % 16):
+        return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    return x
 
 
 def _m_bucket(m: int) -> int:
@@ -798,8 +810,8 @@ def mxfp4_matmul_triton(
     ``x`` (bf16 or fp16) must be contiguous along K, ``packed`` and ``scales`` contiguous;
     shapes are assumed checked (see ``qwantize_hf.matmul``). ``config`` forces one kernel
     config (benchmarks, tests: a ``GEMV_CONFIGS`` one runs the CUDA-core kernel, others the
-    tensor-core one); None dispatches on M to the autotuned CUDA-core (M <= ``GEMV_MAX_M``),
-    decode (M <= ``DECODE_MAX_M``) or prefill configs.
+    tensor-core one); None dispatches on M to the autotuned CUDA-core (M <= ``GEMV_MAX_M``
+    and K a multiple of ``GEMV_K_MULTIPLE``), decode (M <= ``DECODE_MAX_M``) or prefill configs.
     ``workspace``: (float32 split-K partials, zeroed int32 arrival counters) to use instead of
     fresh ones, large enough for every config that may run (``split_k_workspace``); for
     benchmarks that time the kernel alone. The kernel leaves the counters at zero again.
@@ -825,10 +837,8 @@ def mxfp4_matmul_triton(
     gemv = is_gemv_config(configs[0])
     if gemv and k % GEMV_K_MULTIPLE:
         raise ValueError(f"the CUDA-core (GEMV) configs need K a multiple of {GEMV_K_MULTIPLE}, got K = {k}")
-    if gemv and (x.data_ptr() % 16 or (m > 1 and x.stride(0) * x.element_size() % 16)):
-        # That kernel reads x 16 bytes at a time (as int32 pairs of elements): its rows must
-        # start 16-byte aligned. A fresh copy's do (K % 32 == 0); a decode step's x is small.
-        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    if gemv:
+        x = _gemv_x(x)
     # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
     # between calls would be shared by calls on concurrent streams too.
     partial, counters = workspace if workspace is not None else split_k_workspace(m, n, configs, x.device)
