@@ -1,8 +1,8 @@
 """Benchmark the fused MXFP4 matmul against bf16 F.linear and dequantize-then-F.linear (GPU only).
 
 For Llama-3-8B-shaped layers (N x K) and M rows of activations, in one run:
-the fused kernel (``mxfp4_matmul_triton``, autotuned decode configs for M <= 16 and
-prefill configs above), bf16 ``F.linear`` (cuBLAS), and ``dequantize_mxfp4`` +
+the fused kernel (``mxfp4_matmul_triton``: for M <= 16 the fastest of the CUDA-core,
+warp-MMA and tensor-core decode configs, prefill configs above), bf16 ``F.linear`` (cuBLAS), and ``dequantize_mxfp4`` +
 ``F.linear``. ``mxfp4_linear`` (what MXFP4Linear runs) takes the fused kernel for
 M <= 16 and dequantize + F.linear above. Every candidate is checked first against a
 float32 matmul of the exact dequantized weight on fresh random inputs per shape and M
@@ -94,12 +94,14 @@ def read_alone(qs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, tupl
 
 
 def chosen_config(m: int, n: int, k: int, x: torch.Tensor) -> str:
-    """The config the autotuned dispatch remembered for this call, as text."""
+    """The config the dispatch chose and remembered for this call, as text."""
     config = kmm._CHOSEN.get((kmm._m_bucket(m), n, k, False, 32, x.dtype, x.device))
     if config is None:
         return "?"
     if kmm.is_gemv_config(config):
         return "gemv " + "/".join(str(config.kwargs[key]) for key in ("BLOCK_N", "BLOCK_W", "SPLIT_K"))
+    if kmm.is_mma_config(config):
+        return "mma " + "/".join(str(config.kwargs[key]) for key in ("TILES", "WARPS", "SPLIT_K", "X_AHEAD"))
     return "/".join(str(config.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
 
 
@@ -199,8 +201,9 @@ def main() -> None:
         "",
         f"weight memory, quantized / bf16: {(packed.numel() + scales.numel()) / (w.numel() * 2):.4f} "
         "(packed codes + scale bytes; 4.25 bits a weight)",
-        "config = the tensor-core kernel's BLOCK_M/BLOCK_N/BLOCK_K/SPLIT_K, or gemv BLOCK_N/BLOCK_W/SPLIT_K, chosen by "
-        f"the autotuner; wall time {time.time() - t_start:.0f} s",
+        "config = the tensor-core kernel's BLOCK_M/BLOCK_N/BLOCK_K/SPLIT_K, gemv BLOCK_N/BLOCK_W/SPLIT_K or mma "
+        "TILES/WARPS/SPLIT_K/X_AHEAD, chosen by the dispatch (every candidate config timed as a whole call with a "
+        f"cold L2); wall time {time.time() - t_start:.0f} s",
     ]
     text = "\n".join(lines)
     print(text)

@@ -1,7 +1,8 @@
 """Sweep the fused MXFP4 matmul's decode configs on a GPU (M <= 16): which kernel, tile, split and pipeline depth win.
 
-Two kernels: "tc", the tensor-core kernel's decode configs (the weight as the wgmma register
-operand, x padded to 16 rows), and "gemv", the CUDA-core kernel (``_mxfp4_gemv_kernel``).
+Three kernels: "tc", the tensor-core kernel's decode configs (the weight as the wgmma register
+operand, x padded to 16 rows), "gemv", the CUDA-core kernel (``_mxfp4_gemv_kernel``), and
+"mma", the warp-MMA kernel (``_mxfp4_mma_kernel``: mma.sync with operands loaded into registers).
 For each Llama-3-8B layer shape and M, every config in the grids below is compiled (in
 parallel worker processes that fill Triton's on-disk cache), checked against a float32
 matmul of the exact dequantized weight, then timed as CUDA-graph replays over weight
@@ -11,6 +12,8 @@ again as a whole call (fresh workspace: one small memset more) next to bf16 ``F.
 
     python eval/sweep_decode.py --out eval/results/sweep_decode_h100.md
     python eval/sweep_decode.py --kernels gemv,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
+    python eval/sweep_decode.py --kernels mma,gemv-shipped,tc-shipped --ms 1,2,4,8,16 \
+        --out eval/results/sweep_mma_h100.md
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ ROTATE_BYTES = 200 * 2**20
 
 def config_grid(kernels: list[str]) -> list[tuple]:
     """Config tuples, kernel name first: ("tc", BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or
-    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages); "tc-shipped" is the shipped DECODE_CONFIGS."""
+    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages) or ("mma", TILES, WARPS, SPLIT_K, warps, X_AHEAD);
+    "tc-shipped" and "gemv-shipped" are the shipped DECODE_CONFIGS and GEMV_CONFIGS."""
     from qwantize_hf.kernels import matmul as kmm
 
     grid = []
@@ -56,7 +60,14 @@ def config_grid(kernels: list[str]) -> list[tuple]:
             grid.append(("gemv", block_n, block_w, 1, warps, 1))
         for block_n, block_w, split in itertools.product((4, 8, 16), (128, 256), (2, 4)):
             grid.append(("gemv", block_n, block_w, split, 4, 1))
-    return list(dict.fromkeys(grid))  # "tc" and "tc-shipped" share configs
+    if "gemv-shipped" in kernels:
+        for c in kmm.GEMV_CONFIGS:
+            kw = c.kwargs
+            grid.append(("gemv", kw["BLOCK_N"], kw["BLOCK_W"], kw["SPLIT_K"], c.num_warps, c.num_stages))
+    if "mma" in kernels:
+        for tiles, warps, split, x_ahead in itertools.product((1, 2, 4), (2, 4, 8), (1, 2), (1, 0)):
+            grid.append(("mma", tiles, warps, split, warps, x_ahead))
+    return list(dict.fromkeys(grid))  # the shipped configs are also in the full grids
 
 
 def make_config(kernel, block_n, block_k, split, warps, stages):
@@ -64,6 +75,8 @@ def make_config(kernel, block_n, block_k, split, warps, stages):
 
     if kernel == "gemv":
         return kmm._gemv_config(block_n, block_k, split, warps, stages)
+    if kernel == "mma":
+        return kmm._mma_config(block_n, warps, split, bool(stages))
     return kmm._config(kmm._DECODE_BLOCK_M, block_n, block_k, split, True, True, True, warps, stages)
 
 
@@ -104,7 +117,7 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--top", type=int, default=5, help="configs listed per shape and M")
-    parser.add_argument("--kernels", default="tc", help="tc, tc-shipped, gemv: see config_grid")
+    parser.add_argument("--kernels", default="tc", help="tc, tc-shipped, gemv, gemv-shipped, mma: see config_grid")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [int(v) for v in args.ms.split(",")]
@@ -176,7 +189,10 @@ def main() -> None:
                 t, cfg_t = min(r for r in rows if r[1][0] == kernel)
                 lines.append(f"- best {kernel}: {t * 1e3:.1f} us ({t_bf16 / t:.2f}x bf16), {'/'.join(map(str, cfg_t))}")
             lines.append("")
-            lines.append("| kernel/BLOCK_N/BLOCK_K or BLOCK_W/SPLIT_K/warps/stages | us | x bf16 | weight GB/s |")
+            lines.append(
+                "| kernel/BLOCK_N/BLOCK_K or BLOCK_W/SPLIT_K/warps/stages "
+                "(mma: TILES/WARPS/SPLIT_K/warps/X_AHEAD) | us | x bf16 | weight GB/s |"
+            )
             lines.append("|---|---|---|---|")
             for t, cfg_t in rows[: args.top]:
                 lines.append(

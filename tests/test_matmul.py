@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.kernels import matmul as kmm
-from qwantize_hf.kernels.matmul import _config, _gemv_config, mxfp4_matmul_triton
+from qwantize_hf.kernels.matmul import _config, _gemv_config, _mma_config, mxfp4_matmul_triton
 from qwantize_hf.matmul import _plain_eager_call, mxfp4_linear
 from tests.conftest import KERNEL_DEVICE
 
@@ -43,6 +43,12 @@ CPU_CONFIGS = {
     # empty splits (4 splits of 16-word steps over K = 160 or 96).
     "gemv-splitk": _gemv_config(32, 8, 3, 4, 1),
     "gemv-splitk-empty": _gemv_config(16, 16, 4, 4, 1),
+    # The warp-MMA kernel (bf16 x only): 1 or 2 tiles of 16 rows per warp, 1 or 2 warps; with
+    # K = 416 (52 words) and 32-word steps, split 3 has a full, a partial and an empty split.
+    "mma": _mma_config(1, 2, 1),
+    "mma-tiles": _mma_config(2, 1, 1),
+    "mma-splitk": _mma_config(1, 2, 3),
+    "mma-x-late": _mma_config(2, 2, 1, x_ahead=False),  # x loaded in the step that uses it
 }
 # (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,
 # M not a power of two, fp16, block size 16.
@@ -84,6 +90,10 @@ def test_kernel_config_matches_reference(name, case):
     m, n, k, dtype, with_bias, block_size = case
     seed = 100 * list(CPU_CONFIGS).index(name) + CASES.index(case)
     x, packed, scales, bias = make_inputs(m, n, k, dtype, with_bias, block_size, seed, KERNEL_DEVICE)
+    if kmm.is_mma_config(CPU_CONFIGS[name]) and dtype != torch.bfloat16:
+        with pytest.raises(ValueError, match="need bf16 x"):
+            mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=CPU_CONFIGS[name])
+        return
     out = mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=CPU_CONFIGS[name])
     assert out.dtype == dtype and out.shape == (m, n)
     assert torch.isfinite(out).all()
@@ -92,14 +102,14 @@ def test_kernel_config_matches_reference(name, case):
 
 def test_repeated_split_k_calls():
     """Each split-K call sums its own partials: nothing left by one call leaks into the next."""
-    for cfg in (CPU_CONFIGS["decode-permuted-splitk"], CPU_CONFIGS["gemv-splitk"]):
+    for cfg in (CPU_CONFIGS["decode-permuted-splitk"], CPU_CONFIGS["gemv-splitk"], CPU_CONFIGS["mma-splitk"]):
         for seed in range(3):
             x, packed, scales, bias = make_inputs(2, 33, 416, torch.bfloat16, True, 32, seed, KERNEL_DEVICE)
             out = mxfp4_matmul_triton(x, packed, scales, bias, 32, config=cfg)
             assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
-@pytest.mark.parametrize("name", ["decode-permuted", "prefill-words", "bytes-splitk", "gemv"])
+@pytest.mark.parametrize("name", ["decode-permuted", "prefill-words", "bytes-splitk", "gemv", "mma"])
 def test_nan_scale_gives_nan_rows(name):
     x, packed, scales, _ = make_inputs(4, 17, 128, torch.bfloat16, False, 32, seed=7, device=KERNEL_DEVICE)
     scales[5, 2] = E8M0_NAN
@@ -122,7 +132,7 @@ def test_subnormal_codes_survive(name):
     assert rel_err(out, reference(x, packed, scales, None, 32)) < MAX_REL_ERR
 
 
-@pytest.mark.parametrize("name", ["gemv", "gemv-4rows"])
+@pytest.mark.parametrize("name", ["gemv", "gemv-4rows", "mma"])
 def test_gemv_rows_of_x_not_16_byte_aligned(name):
     """x rows at an odd element offset: the CUDA-core kernel reads x as aligned int32 pairs
     (16-byte vectors on the GPU), so the launcher copies such an x first; same result."""
@@ -148,6 +158,22 @@ def test_gemv_needs_k_a_multiple_of_32():
     x, packed, scales, _ = make_inputs(1, 8, 208, torch.bfloat16, False, 16, seed=22, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="K a multiple of 32, got K = 208"):
         mxfp4_matmul_triton(x, packed, scales, None, 16, config=CPU_CONFIGS["gemv"])
+
+
+def test_dispatch_candidates(monkeypatch):
+    """Which kernels compete for a shape: the CUDA-core kernel at M = 1, the warp-MMA kernel up to
+    M = 16 for bf16 x on GPUs with mma.sync, the tensor-core decode configs up to M = 16 where
+    the CUDA-core kernel cannot go, prefill configs above; K % 32 != 0 rules out both register kernels."""
+    monkeypatch.setattr(kmm, "inline_ptx_allowed", lambda device, capability: True)
+    bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
+    assert kmm._candidates(1, 64, bf16) == kmm.GEMV_CONFIGS + kmm.MMA_CONFIGS
+    assert kmm._candidates(1, 64, fp16) == kmm.GEMV_CONFIGS
+    assert kmm._candidates(1, 48, bf16) == kmm.DECODE_CONFIGS
+    assert kmm._candidates(16, 64, bf16) == kmm.MMA_CONFIGS + kmm.DECODE_CONFIGS
+    assert kmm._candidates(16, 64, fp16) == kmm.DECODE_CONFIGS
+    assert kmm._candidates(17, 64, bf16) == kmm.PREFILL_CONFIGS
+    monkeypatch.setattr(kmm, "inline_ptx_allowed", lambda device, capability: False)  # no PTX: no mma.sync
+    assert kmm._candidates(4, 64, bf16) == kmm.DECODE_CONFIGS
 
 
 def test_op_matches_dequantize_then_linear_with_leading_dims():
@@ -237,14 +263,18 @@ def test_gpu_autotuned_dispatch_matches_reference(m, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("m", [1, 4])
-def test_gpu_autotuned_choice_is_remembered_and_reused(m):
-    """M = 1 tunes over the CUDA-core kernel's configs, M = 2..16 over the tensor-core decode ones."""
-    x, packed, scales, bias = make_inputs(m, 2048, 512, torch.bfloat16, True, 32, seed=13 + m, device="cuda")
-    key = (m, 2048, 512, True, 32, torch.bfloat16, x.device)
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.bfloat16), (4, torch.bfloat16), (4, torch.float16)])
+def test_gpu_autotuned_choice_is_remembered_and_reused(m, dtype):
+    """M = 1 chooses between the CUDA-core and the warp-MMA kernels, M = 2..16 between the
+    warp-MMA kernel and the tensor-core decode configs; fp16 x never gets the warp-MMA kernel."""
+    x, packed, scales, bias = make_inputs(m, 2048, 512, dtype, True, 32, seed=13 + m, device="cuda")
+    key = (m, 2048, 512, True, 32, dtype, x.device)
     kmm._CHOSEN.pop(key, None)
     first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # tunes, launches the best, remembers it
-    assert kmm._CHOSEN[key] in (kmm.GEMV_CONFIGS if m == 1 else kmm.DECODE_CONFIGS)
+    families = {1: kmm.GEMV_CONFIGS + kmm.MMA_CONFIGS, 4: kmm.MMA_CONFIGS + kmm.DECODE_CONFIGS}[m]
+    if dtype == torch.float16:
+        families = kmm.GEMV_CONFIGS if m == 1 else kmm.DECODE_CONFIGS
+    assert kmm._CHOSEN[key] in families
     again = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # launches the remembered config directly
     assert torch.equal(first, again)
     assert rel_err(again, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR

@@ -316,14 +316,17 @@ def _word_dot(total, word, x_quad, X_BF16: tl.constexpr, PTX_MUL: tl.constexpr):
 
 
 @triton.jit
-def _load_quad(ptrs, PTX_LOAD: tl.constexpr):
-    """Four consecutive int32 at each of ``ptrs`` (16-byte aligned), in ``ptrs``' layout."""
+def _load_quad(ptrs, PTX_LOAD: tl.constexpr, STREAM: tl.constexpr = False):
+    """Four consecutive int32 at each of ``ptrs`` (16-byte aligned), in ``ptrs``' layout.
+    ``STREAM``: bytes read once (weights), not kept in L1, which is left to x."""
     if PTX_LOAD:
         # One 16-byte load a pointer, and its results stay in the registers of the thread
         # that computes with them: a tl.load here would get a layout of Triton's choosing and
         # a conversion through shared memory, with barriers, every step.
         return tl.inline_asm_elementwise(
-            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+            "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
+            if STREAM
+            else "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
             "=r,=r,=r,=r,l",
             [ptrs],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
@@ -407,8 +410,8 @@ def _store_tile(
     """Add bias and store an output tile; with split-K, the last of its SPLIT_K programs does it.
 
     Each split publishes its float32 partial; the last of the SPLIT_K programs of this
-    output tile to arrive (acq_rel counter) sums them all and resets the counter (the
-    autotuner reruns a launch with the same counters). Split-1 launches pass None for
+    output tile to arrive (acq_rel counter) sums them all and resets the counter (a
+    workspace passed to ``mxfp4_matmul_triton`` serves many launches). Split-1 launches pass None for
     ``partial_ptr`` and ``counter_ptr``: no buffer is allocated for them.
     """
     if SPLIT_K > 1:
@@ -445,7 +448,6 @@ def _mxfp4_gemv_kernel(
     blocks_k,
     stride_xm,
     stride_om,
-    M_BUCKET,  # autotune key only
     HAS_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -546,6 +548,396 @@ def _mxfp4_gemv_kernel(
     )
 
 
+# The warp-MMA kernel (``_mxfp4_mma_kernel``): the weight is the A operand of PTX
+# mma.sync m16n8k16 (16 weight rows), 8 rows of x its B operand. Lane 4g + t of a warp
+# holds A rows g and g + 8 and B column (token) g, each at 4 of the 16 k of a step; which
+# 4 is the kernel's choice, as long as A and B agree.
+_MMA_ROWS: tl.constexpr = tl.constexpr(16)  # weight rows of one mma
+_MMA_TOKENS: tl.constexpr = tl.constexpr(8)  # x rows of one mma
+_MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bf16 operands
+_WORDS_PER_LANE: tl.constexpr = tl.constexpr(4)  # one 16-byte load of a weight row per lane and step
+_STEP_WORDS: tl.constexpr = tl.constexpr(16)  # lanes t = 0..3 take consecutive quads: 128 codes a warp and step
+_BF16_EXP_SHIFT: tl.constexpr = tl.constexpr(_BF16_MANTISSA_BITS)
+
+
+@triton.jit
+def _bf16_pair_bits(scale_bytes):
+    """E8M0 scale bytes (int32) -> the scale as bfloat16 in both halves of an int32. Exact:
+    byte E is 2**(E - 127); byte 0 is the bf16 subnormal 2**-127; 255 is NaN."""
+    bits = tl.where(scale_bytes == 0, 0x40, tl.where(scale_bytes == 255, 0x7FC0, scale_bytes << _BF16_EXP_SHIFT))
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _mma_a(word, P: tl.constexpr, scale, PTX: tl.constexpr):
+    """Codes P and P + 4 of each word times their block scale: an mma A register, bf16x2
+    (``scale`` from ``_bf16_pair_bits``), or without PTX a float32 (low, high) pair (``scale``
+    float32). Both are exact: a code has at most 2 significant bits, the scale is a power of two."""
+    pair = _code_pair(word, P)
+    if PTX:
+        a = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; mul.rn.bf16x2 t, $1, $2; mul.rn.bf16x2 $0, t, $3; }",
+            "=r,r,r,r",
+            [pair, tl.full(pair.shape, _PAIR_UNDO, tl.int32), scale],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        low, high = _pair_f32(pair, False)
+        a = (low * scale, high * scale)
+    return a
+
+
+@triton.jit
+def _halves(a, b, SELECT: tl.constexpr):
+    """One ``prmt``: the low (SELECT 0x5410) or high (0x7632) 16 bits of ``a`` and of ``b``, in that order."""
+    return tl.inline_asm_elementwise(
+        f"prmt.b32 $0, $1, $2, {SELECT};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _mma_b(x_quad, ok, PTX: tl.constexpr):
+    """A word's 8 x elements (4 int32 pairs, memory order) -> the 4 mma B registers that meet
+    ``_mma_a(word, P)`` for P = 0..3: elements P and P + 4 in the low and high half (PTX),
+    else as float32 (low, high) pairs. Zeros where ``ok`` is false."""
+    x0 = tl.where(ok, x_quad[0], 0)
+    x1 = tl.where(ok, x_quad[1], 0)
+    x2 = tl.where(ok, x_quad[2], 0)
+    x3 = tl.where(ok, x_quad[3], 0)
+    if PTX:
+        b = (_halves(x0, x2, 0x5410), _halves(x0, x2, 0x7632), _halves(x1, x3, 0x5410), _halves(x1, x3, 0x7632))
+    else:
+        b = (
+            ((x0 << 16).to(tl.float32, bitcast=True), (x2 << 16).to(tl.float32, bitcast=True)),
+            ((x0 & _HIGH_HALF).to(tl.float32, bitcast=True), (x2 & _HIGH_HALF).to(tl.float32, bitcast=True)),
+            ((x1 << 16).to(tl.float32, bitcast=True), (x3 << 16).to(tl.float32, bitcast=True)),
+            ((x1 & _HIGH_HALF).to(tl.float32, bitcast=True), (x3 & _HIGH_HALF).to(tl.float32, bitcast=True)),
+        )
+    return b
+
+
+@triton.jit
+def _lane_dot(a, b):
+    """Per lane (g, t): the sum of its 2 k of A register ``a`` [.., 8, 4] times those of B
+    register ``b`` of every lane (n, t') with t' = t, summed over t: [.., 8 (g), 8 (n)]."""
+    a_lo, a_hi = a
+    b_lo, b_hi = b
+    prod = a_lo[:, :, :, None, :] * b_lo[:, :, None, :, :] + a_hi[:, :, :, None, :] * b_hi[:, :, None, :, :]
+    return tl.sum(prod, 4)
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c, PTX: tl.constexpr):
+    """c += A @ B for one m16n8k16 per warp, over tensors [TILES, WARPS, 8 (g), 4 (t)] whose
+    element [.., g, t] is lane 4g + t's register: ``mma.sync`` with PTX, else the same sums
+    written out (the interpreter's path, and the specification of the lane layout)."""
+    if PTX:
+        d = tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+            [a0, a1, a2, a3, b0, b1, c[0], c[1], c[2], c[3]],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        d = _mma_sums(a0, a1, a2, a3, b0, b1, c)
+    return d
+
+
+@triton.jit
+def _mma_sums(a0, a1, a2, a3, b0, b1, c):
+    # Row g (a0, a2) and row g + 8 (a1, a3) against token n: k 2t, 2t + 1 (a0/a1 with b0) and
+    # 2t + 8, 2t + 9 (a2/a3 with b1) of every t. Lane (g, t) gets tokens 2t and 2t + 1.
+    top = _lane_dot(a0, b0) + _lane_dot(a2, b1)
+    bottom = _lane_dot(a1, b0) + _lane_dot(a3, b1)
+    R: tl.constexpr = c[0].shape[0]
+    W: tl.constexpr = c[0].shape[1]
+    d0, d1 = tl.split(tl.reshape(top, [R, W, 8, 4, 2]))
+    d2, d3 = tl.split(tl.reshape(bottom, [R, W, 8, 4, 2]))
+    return c[0] + d0, c[1] + d1, c[2] + d2, c[3] + d3
+
+
+@triton.jit
+def _mma_word(acc, word_top, word_bottom, scale_top, scale_bottom, xb, TWO: tl.constexpr, PTX: tl.constexpr):
+    """Add one word of each of a lane's two weight rows (8 codes each) times its x: two mma
+    k-steps, codes (0, 4), (1, 5) then (2, 6), (3, 7). ``xb`` holds the word's B registers
+    (``_mma_b``) for each group of 8 tokens; ``acc`` 4 float32 tensors per group."""
+    a0 = _mma_a(word_top, 0, scale_top, PTX)
+    a1 = _mma_a(word_bottom, 0, scale_bottom, PTX)
+    a2 = _mma_a(word_top, 1, scale_top, PTX)
+    a3 = _mma_a(word_bottom, 1, scale_bottom, PTX)
+    a4 = _mma_a(word_top, 2, scale_top, PTX)
+    a5 = _mma_a(word_bottom, 2, scale_bottom, PTX)
+    a6 = _mma_a(word_top, 3, scale_top, PTX)
+    a7 = _mma_a(word_bottom, 3, scale_bottom, PTX)
+    c = _mma(a0, a1, a2, a3, xb[0][0], xb[0][1], (acc[0], acc[1], acc[2], acc[3]), PTX)
+    c = _mma(a4, a5, a6, a7, xb[0][2], xb[0][3], c, PTX)
+    if TWO:
+        c2 = _mma(a0, a1, a2, a3, xb[1][0], xb[1][1], (acc[4], acc[5], acc[6], acc[7]), PTX)
+        c2 = _mma(a4, a5, a6, a7, xb[1][2], xb[1][3], c2, PTX)
+        c = (c[0], c[1], c[2], c[3], c2[0], c2[1], c2[2], c2[3])
+    return c
+
+
+@triton.jit
+def _mma_load(
+    w_top,
+    w_bottom,
+    s_top,
+    s_bottom,
+    x_ptrs,
+    w0,
+    BLOCK_SIZE: tl.constexpr,
+    TWO: tl.constexpr,
+    PTX: tl.constexpr,
+    X_AHEAD: tl.constexpr,
+):
+    """One step's operands at word ``w0`` of each lane's quad: the 4 words of its two rows,
+    their scale bytes (1 or 2 a row), and with ``X_AHEAD`` x (``_mma_load_x``), else ``w0``
+    for ``_mma_math`` to load x itself."""
+    # The weight is read once: not kept in L1, which x, read by every program, then has to itself.
+    top = _load_quad(w_top + w0, PTX, True)
+    bottom = _load_quad(w_bottom + w0, PTX, True)
+    BLOCKS: tl.constexpr = _WORDS_PER_LANE * _CODES_PER_WORD // BLOCK_SIZE
+    s0 = w0 // _WORDS_PER_LANE * BLOCKS
+    if BLOCKS == 1:
+        scales = (_load_scale_bytes(s_top + s0, PTX), _load_scale_bytes(s_bottom + s0, PTX))
+    else:
+        scales = (
+            _load_scale_bytes(s_top + s0, PTX),
+            _load_scale_bytes(s_bottom + s0, PTX),
+            _load_scale_bytes(s_top + s0 + 1, PTX),
+            _load_scale_bytes(s_bottom + s0 + 1, PTX),
+        )
+    if X_AHEAD:
+        x = _mma_load_x(x_ptrs, w0, TWO, PTX)
+    else:
+        x = w0
+    return top, bottom, scales, x
+
+
+@triton.jit
+def _mma_load_x(x_ptrs, w0, TWO: tl.constexpr, PTX: tl.constexpr):
+    """Per group of 8 tokens, the 32 x elements of each lane's quad at word ``w0``: 4 quads of int32 pairs."""
+    xq = x_ptrs[0] + w0 * (_CODES_PER_WORD // 2)
+    x = ((_load_quad(xq, PTX), _load_quad(xq + 4, PTX), _load_quad(xq + 8, PTX), _load_quad(xq + 12, PTX)),)
+    if TWO:
+        xq = x_ptrs[1] + w0 * (_CODES_PER_WORD // 2)
+        x = (
+            x[0],
+            (_load_quad(xq, PTX), _load_quad(xq + 4, PTX), _load_quad(xq + 8, PTX), _load_quad(xq + 12, PTX)),
+        )
+    return x
+
+
+@triton.jit
+def _mma_scale(scale_bytes, ok, PTX: tl.constexpr):
+    """Scale bytes -> ``_mma_a``'s scale operand; 0 where ``ok`` is false (a quad past the
+    end: its codes, whatever they are, then add exact zeros)."""
+    if PTX:
+        scale = tl.where(ok, _bf16_pair_bits(scale_bytes), 0)
+    else:
+        scale = tl.where(ok, e8m0_value(scale_bytes), 0.0)
+    return scale
+
+
+@triton.jit
+def _mma_math(
+    acc, ops, x_ptrs, ok, BLOCK_SIZE: tl.constexpr, TWO: tl.constexpr, PTX: tl.constexpr, X_AHEAD: tl.constexpr
+):
+    """Add one step's products to ``acc``. Quads where ``ok`` is false add exact zeros: their
+    scales and x are zeroed (a clamped address may hold any code, scale or x)."""
+    top, bottom, scales, x = ops
+    if not X_AHEAD:
+        x = _mma_load_x(x_ptrs, x, TWO, PTX)
+    BLOCKS: tl.constexpr = _WORDS_PER_LANE * _CODES_PER_WORD // BLOCK_SIZE
+    st0 = _mma_scale(scales[0], ok, PTX)
+    sb0 = _mma_scale(scales[1], ok, PTX)
+    if BLOCKS == 1:
+        st1 = st0
+        sb1 = sb0
+    else:
+        st1 = _mma_scale(scales[2], ok, PTX)
+        sb1 = _mma_scale(scales[3], ok, PTX)
+    xb0 = (_mma_b(x[0][0], ok, PTX),)
+    xb1 = (_mma_b(x[0][1], ok, PTX),)
+    xb2 = (_mma_b(x[0][2], ok, PTX),)
+    xb3 = (_mma_b(x[0][3], ok, PTX),)
+    if TWO:
+        xb0 = (xb0[0], _mma_b(x[1][0], ok, PTX))
+        xb1 = (xb1[0], _mma_b(x[1][1], ok, PTX))
+        xb2 = (xb2[0], _mma_b(x[1][2], ok, PTX))
+        xb3 = (xb3[0], _mma_b(x[1][3], ok, PTX))
+    acc = _mma_word(acc, top[0], bottom[0], st0, sb0, xb0, TWO, PTX)
+    acc = _mma_word(acc, top[1], bottom[1], st0, sb0, xb1, TWO, PTX)
+    acc = _mma_word(acc, top[2], bottom[2], st1, sb1, xb2, TWO, PTX)
+    return _mma_word(acc, top[3], bottom[3], st1, sb1, xb3, TWO, PTX)
+
+
+@triton.jit
+def _mxfp4_mma_kernel(
+    x_ptr,
+    packed_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    M,
+    N,
+    words_k,  # K // 8, K // BLOCK_SIZE: passed so Triton sees their divisibility
+    blocks_k,
+    stride_xm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr,
+    TILES: tl.constexpr,
+    WARPS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    X_AHEAD: tl.constexpr,
+    PTX: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """A few rows of x (TOKENS = 8 or 16 a program) on the tensor cores through warp-level
+    mma.sync, every operand loaded straight into the registers that feed it.
+
+    Each warp owns TILES tiles of 16 weight rows; lane 4g + t loads 16 bytes (32 codes,
+    whole scale blocks) of rows g and g + 8 of each tile, and the 64 bytes of x of token g
+    (and g + 8) they multiply. It turns the codes into bf16 in registers, already scaled,
+    and each word makes two mma k-steps. No shared memory, no barrier in the loop, and no
+    value moves between lanes but inside the mma. The WARPS warps of a program take
+    consecutive 128-code slices of K, and their float32 sums are added once at the end; K is
+    also split over SPLIT_K programs. Every tensor is [TILES, WARPS, 8, 4] (tile, warp, g, t)
+    in Triton's default layout, which puts element [r, w, g, t] in lane 4g + t of warp w:
+    the layout the mma's operands need. Needs K % 32 == 0 and bf16 x. Without ``PTX`` (the
+    interpreter) the loads are plain and the mma is written out as sums (``_mma``).
+    """
+    tl.static_assert(_WORDS_PER_LANE * _CODES_PER_WORD % BLOCK_SIZE == 0, "a quad must hold whole scale blocks")
+    tl.static_assert(TOKENS == _MMA_TOKENS or TOKENS == 2 * _MMA_TOKENS, "TOKENS is 8 or 16")
+    BLOCKS: tl.constexpr = _WORDS_PER_LANE * _CODES_PER_WORD // BLOCK_SIZE
+    ROWS: tl.constexpr = _MMA_ROWS * TILES
+    TWO: tl.constexpr = TOKENS == 2 * _MMA_TOKENS  # two groups of 8 tokens
+    STEP: tl.constexpr = _STEP_WORDS * WARPS  # words of K a program takes a step
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    r = tl.arange(0, TILES)[:, None, None, None]
+    w = tl.arange(0, WARPS)[None, :, None, None]
+    g = tl.arange(0, 8)[None, None, :, None]
+    t = tl.arange(0, 4)[None, None, None, :]
+    row = pid_n * ROWS + _MMA_ROWS * r + g  # the lane's top row; its bottom row is row + 8
+    # Rows past N reload the last row (their results are never stored); tokens past M the last token.
+    row_top = tl.minimum(row, N - 1).to(tl.int64)
+    row_bottom = tl.minimum(row + 8, N - 1).to(tl.int64)
+    quad = _STEP_WORDS * w + _WORDS_PER_LANE * t  # the lane's first word in a step, [1, WARPS, 1, 4]
+
+    # This program's words, in whole steps; only the last split can end in a partial step.
+    steps = tl.cdiv(words_k, STEP)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    w_begin = pid_k * steps_per_split * STEP
+    w_end = min(words_k, w_begin + steps_per_split * STEP)
+    w_full = w_begin + tl.maximum(w_end - w_begin, 0) // STEP * STEP
+
+    words = packed_ptr.to(tl.pointer_type(tl.int32))
+    w_top = words + row_top * words_k + quad
+    w_bottom = words + row_bottom * words_k + quad
+    s_top = scales_ptr + row_top * blocks_k + quad // _WORDS_PER_LANE * BLOCKS
+    s_bottom = scales_ptr + row_bottom * blocks_k + quad // _WORDS_PER_LANE * BLOCKS
+    token = pid_m * TOKENS + g  # [1, 1, 8, 1]
+    x_i32 = x_ptr.to(tl.pointer_type(tl.int32))
+    # x as int32 pairs of elements: word q's 8 elements are pairs 4q .. 4q + 3.
+    x_first = x_i32 + tl.minimum(token, M - 1).to(tl.int64) * (stride_xm // 2) + 4 * quad
+    if TWO:
+        x_second = x_i32 + tl.minimum(token + _MMA_TOKENS, M - 1).to(tl.int64) * (stride_xm // 2) + 4 * quad
+        x_ptrs = (x_first, x_second)
+        zero = tl.zeros((TILES, WARPS, 8, 4), dtype=tl.float32)
+        acc = (zero, zero, zero, zero, zero, zero, zero, zero)
+    else:
+        x_ptrs = (x_first,)
+        zero = tl.zeros((TILES, WARPS, 8, 4), dtype=tl.float32)
+        acc = (zero, zero, zero, zero)
+
+    if w_full > w_begin:
+        # Each step's loads are issued before the previous step's arithmetic.
+        ops = _mma_load(w_top, w_bottom, s_top, s_bottom, x_ptrs, w_begin, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+        if INTERPRET:
+            w0 = w_begin + STEP  # see _mxfp4_matmul_kernel: no runtime range() bound in the interpreter
+            while w0 < w_full:
+                next_ops = _mma_load(w_top, w_bottom, s_top, s_bottom, x_ptrs, w0, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+                acc = _mma_math(acc, ops, x_ptrs, True, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+                ops = next_ops
+                w0 += STEP
+        else:
+            for w0 in range(w_begin + STEP, w_full, STEP):
+                next_ops = _mma_load(w_top, w_bottom, s_top, s_bottom, x_ptrs, w0, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+                acc = _mma_math(acc, ops, x_ptrs, True, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+                ops = next_ops
+        acc = _mma_math(acc, ops, x_ptrs, True, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+    if w_full < w_end:
+        # The partial last step: quads past w_end read the last quad (a valid address) and add zeros.
+        first = w_full + quad
+        shift = tl.minimum(first, words_k - _WORDS_PER_LANE) - first  # <= 0; 0 for quads in range
+        x_shift = (x_ptrs[0] + 4 * shift,)
+        if TWO:
+            x_shift = (x_shift[0], x_ptrs[1] + 4 * shift)
+        ops = _mma_load(
+            w_top + shift, w_bottom + shift, s_top + shift // _WORDS_PER_LANE * BLOCKS,
+            s_bottom + shift // _WORDS_PER_LANE * BLOCKS, x_shift, w_full, BLOCK_SIZE, TWO, PTX, X_AHEAD,
+        )  # fmt: skip
+        acc = _mma_math(acc, ops, x_shift, first < w_end, BLOCK_SIZE, TWO, PTX, X_AHEAD)
+
+    # Lane (g, t) holds tokens 2t, 2t + 1 (+ 8 for the second group) of rows g (acc 0, 1)
+    # and g + 8 (acc 2, 3) of each tile: sum the warps, then one [TILES, 8, 4, 2, 2, groups] tile.
+    top = tl.join(tl.sum(acc[0], 1), tl.sum(acc[1], 1))
+    bottom = tl.join(tl.sum(acc[2], 1), tl.sum(acc[3], 1))
+    tile = tl.join(top, bottom)  # [TILES, 8, 4, 2 (token), 2 (row)]
+    r5 = tl.arange(0, TILES)[:, None, None, None, None]
+    g5 = tl.arange(0, 8)[None, :, None, None, None]
+    t5 = tl.arange(0, 4)[None, None, :, None, None]
+    i5 = tl.arange(0, 2)[None, None, None, :, None]
+    h5 = tl.arange(0, 2)[None, None, None, None, :]
+    rows = pid_n * ROWS + _MMA_ROWS * r5 + g5 + 8 * h5
+    tokens = pid_m * TOKENS + 2 * t5 + i5
+    if TWO:
+        top = tl.join(tl.sum(acc[4], 1), tl.sum(acc[5], 1))
+        bottom = tl.join(tl.sum(acc[6], 1), tl.sum(acc[7], 1))
+        tile = tl.join(tile, tl.join(top, bottom))
+        rows = rows[:, :, :, :, :, None]
+        tokens = tokens[:, :, :, :, :, None] + _MMA_TOKENS * tl.arange(0, 2)[None, None, None, None, None, :]
+    rows_ok = rows < N
+    if HAS_BIAS:
+        # Added once: by the first of the SPLIT_K programs, before the partials are summed.
+        if pid_k == 0:
+            tile += tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    rows64 = rows.to(tl.int64)
+    tokens64 = tokens.to(tl.int64)
+    tile_mask = rows_ok & (tokens < M)
+    _store_tile(
+        tile,
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counter_ptr,
+        pid_m * tl.num_programs(0) + pid_n,
+        rows,
+        rows_ok,
+        tile_mask,
+        tokens64 * N + rows64,
+        tokens64 * stride_om + rows64,
+        M * N,
+        pid_k,
+        False,
+        False,
+        SPLIT_K,
+    )
+
+
 @triton.jit
 def _mxfp4_matmul_kernel(
     x_ptr,
@@ -563,7 +955,6 @@ def _mxfp4_matmul_kernel(
     blocks_k,
     stride_xm,
     stride_om,
-    M_BUCKET,  # autotune key only
     HAS_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -746,21 +1137,54 @@ GEMV_CONFIGS = (
     _gemv_config(4, 256, 1, 4, 1),
 )
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "BLOCK_SIZE"]
-_decode_kernel = triton.autotune(configs=list(DECODE_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
-_prefill_kernel = triton.autotune(configs=list(PREFILL_CONFIGS), key=_AUTOTUNE_KEY)(_mxfp4_matmul_kernel)
-_gemv_kernel = triton.autotune(configs=list(GEMV_CONFIGS), key=["M_BUCKET", "N", "words_k", "HAS_BIAS", "BLOCK_SIZE"])(
-    _mxfp4_gemv_kernel
+
+def _mma_config(tiles, warps, split_k, x_ahead=True) -> triton.Config:
+    return triton.Config(
+        {"TILES": tiles, "WARPS": warps, "SPLIT_K": split_k, "X_AHEAD": x_ahead},
+        num_warps=warps,
+        num_stages=1,
+    )
+
+
+# TILES (of 16 weight rows a warp) / WARPS (K slices of a program) / SPLIT_K, x loaded a step
+# ahead or not: the winners of `eval/sweep_decode.py --kernels mma` at M = 1, 4, 8 and 16 on the
+# H100 (eval/results/sweep_mma_h100.md).
+MMA_CONFIGS = (
+    _mma_config(1, 4, 1, x_ahead=False),
+    _mma_config(1, 8, 1),
+    _mma_config(1, 8, 1, x_ahead=False),
+    _mma_config(2, 4, 1),
+    _mma_config(2, 2, 2, x_ahead=False),
+    _mma_config(2, 4, 2),
 )
+MMA_MAX_M = 16  # rows of x up to which the warp-MMA kernel competes
 
 
 def is_gemv_config(config: triton.Config) -> bool:
-    """Whether ``config`` is one for ``_mxfp4_gemv_kernel`` (else for the tensor-core kernel)."""
+    """Whether ``config`` is one for ``_mxfp4_gemv_kernel``."""
     return "BLOCK_W" in config.kwargs
 
 
+def is_mma_config(config: triton.Config) -> bool:
+    """Whether ``config`` is one for ``_mxfp4_mma_kernel``."""
+    return "TILES" in config.kwargs
+
+
+def _mma_tokens(m: int) -> int:
+    """Rows of x a program of ``_mxfp4_mma_kernel`` takes: one or two mma groups of 8."""
+    return 8 if m <= 8 else 16
+
+
+def _output_tiles(m: int, n: int, config: triton.Config) -> int:
+    """Output tiles (programs per K split) of a launch of ``config`` on an [m, n] output."""
+    if is_mma_config(config):
+        return triton.cdiv(m, _mma_tokens(m)) * triton.cdiv(n, 16 * config.kwargs["TILES"])
+    # A GEMV config's tiles are one row of x high.
+    return triton.cdiv(m, config.kwargs.get("BLOCK_M", 1)) * triton.cdiv(n, config.kwargs["BLOCK_N"])
+
+
 def _gemv_fits(m: int, k: int) -> bool:
-    """Whether the autotuned dispatch gives an [m, k] x to the CUDA-core kernel."""
+    """Whether the CUDA-core kernel can take an [m, k] x in the dispatch (``_candidates``)."""
     return m <= GEMV_MAX_M and k % GEMV_K_MULTIPLE == 0
 
 
@@ -789,8 +1213,7 @@ def split_k_workspace(
         # either: a tensor allocated during CUDA-graph warm-up belongs to the graph's memory
         # pool, and torch.compile's CUDA graphs refuse live pool tensors they do not track.
         return None, None
-    # A GEMV config's tiles are one row of x high.
-    most_tiles = max(triton.cdiv(m, c.kwargs.get("BLOCK_M", 1)) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs)
+    most_tiles = max(_output_tiles(m, n, c) for c in configs)
     partial = torch.empty(max_split * m * n, dtype=torch.float32, device=device)
     counters = torch.zeros(most_tiles, dtype=torch.int32, device=device)
     return partial, counters
@@ -809,9 +1232,9 @@ def mxfp4_matmul_triton(
 
     ``x`` (bf16 or fp16) must be contiguous along K, ``packed`` and ``scales`` contiguous;
     shapes are assumed checked (see ``qwantize_hf.matmul``). ``config`` forces one kernel
-    config (benchmarks, tests: a ``GEMV_CONFIGS`` one runs the CUDA-core kernel, others the
-    tensor-core one); None dispatches on M to the autotuned CUDA-core (M <= ``GEMV_MAX_M``
-    and K a multiple of ``GEMV_K_MULTIPLE``), decode (M <= ``DECODE_MAX_M``) or prefill configs.
+    config (benchmarks, tests: a ``GEMV_CONFIGS`` one runs the CUDA-core kernel, an
+    ``MMA_CONFIGS`` one the warp-MMA kernel, others the tensor-core one). None picks by M,
+    once per shape (``_choose``): the fastest config of the kernels that can take it.
     ``workspace``: (float32 split-K partials, zeroed int32 arrival counters) to use instead of
     fresh ones, large enough for every config that may run (``split_k_workspace``); for
     benchmarks that time the kernel alone. The kernel leaves the counters at zero again.
@@ -825,27 +1248,93 @@ def mxfp4_matmul_triton(
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     if packed.data_ptr() % 16:
         packed = packed.clone()  # word loads need a 16-byte aligned start; a fresh allocation has one
-    tuned = None
+    operands = (x, packed, scales, bias, out, block_size, workspace)
     if config is None:
-        # The autotuner picks a config once per key; later calls launch it directly, which
-        # saves the autotuner's host time on every call (eval/bench_op_overhead.py).
+        # The choice is made once per key; later calls launch it directly, with no tuning
+        # machinery on the way (eval/bench_op_overhead.py).
         key = (_m_bucket(m), n, k, bias is not None, block_size, x.dtype, x.device)
         config = _CHOSEN.get(key)
         if config is None:
-            tuned = _gemv_kernel if _gemv_fits(m, k) else _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
-    configs = (config,) if tuned is None else tuple(tuned.configs)
-    gemv = is_gemv_config(configs[0])
+            config = _CHOSEN[key] = _choose(operands)
+    _launch(operands, config)
+    return out
+
+
+def _candidates(m: int, k: int, x: torch.Tensor) -> tuple[triton.Config, ...]:
+    """The configs of every kernel that may take an [m, k] x."""
+    mma = m <= MMA_MAX_M and k % GEMV_K_MULTIPLE == 0 and x.dtype == torch.bfloat16
+    mma = mma and inline_ptx_allowed(x.device, _MMA_CAPABILITY)  # its plain-op twin is for the interpreter
+    if _gemv_fits(m, k):
+        return GEMV_CONFIGS + (MMA_CONFIGS if mma else ())
+    if m <= DECODE_MAX_M:
+        return (MMA_CONFIGS if mma else ()) + DECODE_CONFIGS
+    return PREFILL_CONFIGS
+
+
+_CHOOSE_REPEATS = 40
+_HOST_COVER_CYCLES = 400_000  # GPU clock cycles (about 0.2 ms) per candidate: its flush and launch on the host
+
+
+def _choose(operands) -> triton.Config:
+    """The fastest config for these operands' shape, timed as whole calls (a fresh split-K
+    workspace included) with a cold L2, as in a model's forward pass, where a layer's weight
+    has left L2 before it is read again. The candidates take turns, each after an L2 flush
+    that only reads (Triton's autotuner flushes by writing, and the write-back of the
+    flush then competes with the timed kernel), and each gets the median of its times.
+    A config that does not fit the GPU (registers, shared memory) is skipped."""
+    x = operands[0]
+    candidates = []
+    for config in _candidates(x.shape[0], x.shape[1], x):
+        try:
+            _launch(operands, config)  # compiles it
+        except triton.runtime.errors.OutOfResources:
+            continue
+        candidates.append(config)
+    if len(candidates) == 1:
+        return candidates[0]
+    flush = torch.empty(2 * torch.cuda.get_device_properties(x.device).L2_cache_size, dtype=torch.int8, device=x.device)
+    flush_view = flush.view(torch.int32)
+    times = [[] for _ in candidates]
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in candidates]
+    for _ in range(_CHOOSE_REPEATS):
+        # The GPU spins while the host queues a round, so no launch waits on the host: a
+        # kernel of a few microseconds takes less time than its launch takes on the host,
+        # and timed back to back with the host in the loop, host time would decide.
+        torch.cuda._sleep(_HOST_COVER_CYCLES * len(candidates))
+        for i, config in enumerate(candidates):
+            flush_view.amax()
+            events[i][0].record()
+            _launch(operands, config)
+            events[i][1].record()
+        torch.cuda.synchronize(x.device)
+        for i in range(len(candidates)):
+            times[i].append(events[i][0].elapsed_time(events[i][1]))
+    medians = [sorted(t)[len(t) // 2] for t in times]
+    return candidates[medians.index(min(medians))]
+
+
+def _launch(operands, config: triton.Config) -> None:
+    """One launch of ``config`` on ``mxfp4_matmul_triton``'s operands."""
+    x, packed, scales, bias, out, block_size, workspace = operands
+    m, k = x.shape
+    n = packed.shape[0]
+    gemv = is_gemv_config(config)
+    mma = is_mma_config(config)
     if gemv and k % GEMV_K_MULTIPLE:
         raise ValueError(f"the CUDA-core (GEMV) configs need K a multiple of {GEMV_K_MULTIPLE}, got K = {k}")
-    if gemv:
+    if mma and (k % GEMV_K_MULTIPLE or x.dtype != torch.bfloat16):
+        raise ValueError(
+            f"the warp-MMA configs need bf16 x and K a multiple of {GEMV_K_MULTIPLE}, got {x.dtype} and K = {k}"
+        )
+    if gemv or mma:
         x = _gemv_x(x)
     # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
     # between calls would be shared by calls on concurrent streams too.
-    partial, counters = workspace if workspace is not None else split_k_workspace(m, n, configs, x.device)
+    partial, counters = workspace if workspace is not None else split_k_workspace(m, n, (config,), x.device)
     common = (x, packed, scales, bias if bias is not None else out, out, partial, counters, m, n)
     kwargs = {"HAS_BIAS": bias is not None, "BLOCK_SIZE": block_size, "INTERPRET": _interpreting()}
     if gemv:
-        args = (*common, k // 8, k // block_size, x.stride(0), n, _m_bucket(m))
+        args = (*common, k // 8, k // block_size, x.stride(0), n)
         kwargs["PTX_MUL"] = inline_ptx_allowed(x.device, _BF16X2_MUL_CAPABILITY)
         kwargs["PTX_LOAD"] = inline_ptx_allowed(x.device, _VECTOR_LOAD_CAPABILITY)
 
@@ -853,22 +1342,27 @@ def mxfp4_matmul_triton(
             return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
 
         kernel = _mxfp4_gemv_kernel
+    elif mma:
+        tokens = _mma_tokens(m)
+        args = (*common, k // 8, k // block_size, x.stride(0), n)
+        kwargs["TOKENS"] = tokens
+        kwargs["PTX"] = inline_ptx_allowed(x.device, _MMA_CAPABILITY)
+
+        def grid(meta):
+            return (triton.cdiv(n, 16 * meta["TILES"]), meta["SPLIT_K"], triton.cdiv(m, tokens))
+
+        kernel = _mxfp4_mma_kernel
     else:
-        args = (*common, k, k // 2, k // 8, k // block_size, x.stride(0), n, _m_bucket(m))
+        args = (*common, k, k // 2, k // 8, k // block_size, x.stride(0), n)
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         kernel = _mxfp4_matmul_kernel
-    if tuned is None:
-        kernel[grid(config.kwargs)](
-            *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-        )
-    else:
-        tuned[grid](*args, **kwargs)
-        _CHOSEN[key] = tuned.best_config
-    return out
+    kernel[grid(config.kwargs)](
+        *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+    )
 
 
-# (M bucket, N, K, bias?, block size, dtype, device) -> the config the autotuner chose for it.
+# (M bucket, N, K, bias?, block size, dtype, device) -> the config ``_choose`` chose for it.
 _CHOSEN: dict[tuple, triton.Config] = {}
