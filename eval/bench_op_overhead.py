@@ -48,7 +48,7 @@ def main() -> None:
     rows = {
         "bf16 F.linear": lambda: F.linear(x, w),
         "mxfp4_linear op": lambda: mxfp4_linear(x, packed, scales),
-        "mxfp4_matmul_triton (autotuned)": lambda: kmm.mxfp4_matmul_triton(x, packed, scales, None, 32),
+        "mxfp4_matmul_triton (dispatched)": lambda: kmm.mxfp4_matmul_triton(x, packed, scales, None, 32),
         "mxfp4_matmul_triton (fixed config, workspace)": lambda: kmm.mxfp4_matmul_triton(
             x, packed, scales, None, 32, config=config, workspace=work
         ),

@@ -5,7 +5,8 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py) on small sh
 one forced config at a time, so every code path (decode's permuted-K word path, the
 in-order word path, the byte path for fp16, the CUDA-core kernel for one row, split-K,
 the partial last K step) is covered on CPU. With a GPU the same tests run compiled, plus
-the autotuned dispatch, CUDA graphs and torch.compile on CUDA.
+the dispatch (which times every candidate config once per shape), CUDA graphs and
+torch.compile on CUDA.
 """
 
 from __future__ import annotations
@@ -160,6 +161,20 @@ def test_gemv_needs_k_a_multiple_of_32():
         mxfp4_matmul_triton(x, packed, scales, None, 16, config=CPU_CONFIGS["gemv"])
 
 
+@pytest.mark.parametrize("name", ["mma-splitk", "mma-x-late"])
+def test_mma_two_token_groups(name):
+    """M = 9..16 takes the second group of 8 tokens (a second mma per k-step): with split-K, bias,
+    block size 16, a NaN scale in the partial last step and an aligned x whose rows are longer than K."""
+    x, packed, scales, bias = make_inputs(12, 19, 416, torch.bfloat16, True, 16, seed=31, device=KERNEL_DEVICE)
+    scales[7, -1] = E8M0_NAN  # the last block: read in the partial step
+    wide = torch.zeros(12, 448, dtype=x.dtype, device=x.device)
+    wide[:, :416] = x
+    out = mxfp4_matmul_triton(wide[:, :416], packed, scales, bias, 16, config=CPU_CONFIGS[name]).cpu()
+    assert torch.isnan(out[:, 7]).all()
+    keep = torch.arange(19) != 7
+    assert rel_err(out[:, keep], reference(x, packed, scales, bias, 16)[:, keep]) < MAX_REL_ERR
+
+
 def test_dispatch_candidates(monkeypatch):
     """Which kernels compete for a shape: the CUDA-core kernel at M = 1, the warp-MMA kernel up to
     M = 16 for bf16 x on GPUs with mma.sync, the tensor-core decode configs up to M = 16 where
@@ -281,9 +296,26 @@ def test_gpu_autotuned_choice_is_remembered_and_reused(m, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("config", kmm.MMA_CONFIGS, ids=str)
+def test_gpu_every_shipped_mma_config(config):
+    """Every shipped warp-MMA config, compiled: one and two groups of 8 tokens, block size 16,
+    scale byte 0 (2**-127: the scaled codes are bf16 subnormals) and a NaN scale."""
+    for m, block_size in ((1, 32), (8, 16), (9, 32), (16, 16)):
+        x, packed, scales, bias = make_inputs(m, 1040, 1536, torch.bfloat16, True, block_size, seed=m, device="cuda")
+        scales[3] = 0
+        scales[5, 4] = E8M0_NAN
+        x[:, :] = x * 2.0**100  # keeps row 3's products out of the float32 subnormals
+        out = mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=config)
+        assert torch.isnan(out[:, 5]).all()
+        keep = torch.arange(1040) != 5
+        ref = reference(x, packed, scales, bias, block_size)
+        assert rel_err(out[:, keep].float(), ref[:, keep]) < MAX_REL_ERR, (m, block_size)
+
+
+@gpu
 def test_gpu_cuda_graph_replay_matches_eager():
     x, packed, scales, bias = make_inputs(2, 4096, 1024, torch.bfloat16, True, 32, seed=11, device="cuda")
-    expected = mxfp4_linear(x, packed, scales, bias)  # also runs the autotuner outside the capture
+    expected = mxfp4_linear(x, packed, scales, bias)  # also chooses the config, outside the capture
     static_x = x.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -305,20 +337,25 @@ def test_gpu_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(x), module(x))
 
 
-# Run in a fresh process: the first launch of each kernel (and its autotuning) must happen
-# inside torch.compile's CUDA-graph warm-up, where every tensor allocated comes from the graph
-# pool. A tensor kept alive past the call (a cached buffer, say) then fails the pool check.
+# Run in a fresh process: the first launch of each kernel (and the choice of its config) must
+# happen inside torch.compile's CUDA-graph warm-up, where every tensor allocated comes from the
+# graph pool. A tensor kept alive past the call (a cached buffer, say) then fails the pool check.
+# The candidates are cut to split-K ones at M = 4, so that a split-K workspace is allocated there.
 _REDUCE_OVERHEAD_SCRIPT = """
 import torch
 from qwantize_hf import quantize_mxfp4
+from qwantize_hf.kernels import matmul as kmm
 from qwantize_hf.matmul import mxfp4_linear
 from tests.test_matmul import reference, rel_err, MAX_REL_ERR
+
+kmm.MMA_CONFIGS = (kmm._mma_config(2, 4, 2),)
+kmm.DECODE_CONFIGS = tuple(c for c in kmm.DECODE_CONFIGS if c.kwargs["SPLIT_K"] > 1)
 
 w = torch.randn(3072, 1536, device="cuda") * 0.02
 packed, scales = quantize_mxfp4(w)
 bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
 step = torch.compile(lambda x: mxfp4_linear(x, packed, scales, bias), mode="reduce-overhead", fullgraph=True)
-for m in (1, 4):  # the CUDA-core kernel (split 1) and the tensor-core decode configs (split-K)
+for m in (1, 4):  # the CUDA-core or warp-MMA kernel; split-K warp-MMA or tensor-core configs
     for seed in range(4):  # warm-up, capture, replays
         x = torch.randn(m, 1536, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
         out = step(x).clone()

@@ -4,22 +4,27 @@ Its torch twin is ``dequantize_blocks_torch`` followed by ``F.linear``. The bf16
 weight never exists in global memory: each program turns a tile of packed bytes into
 ``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
 
-M = 1 (one token of batch-1 decoding) has a kernel of its own, ``_mxfp4_gemv_kernel``:
-no tensor cores, no padding of x to 16 rows. Each thread loads groups of 32 codes of a
-row (one or two scale blocks) in one 16-byte load each, with the 64 bytes of x they
-multiply, turns the codes into float32 values and sums the products in float32; nothing
-moves between threads until the end. It needs K a multiple of 32 (other K, possible with
-block size 16, go to the decode configs).
-On the H100 it beats the tensor-core decode configs at M = 1 on every Llama-3-8B layer
-shape (eval/results/bench_matmul_h100.md). The tensor-core kernel's two launch families share
-one kernel body and differ only in their configs:
+Three kernels, and the dispatch (``mxfp4_matmul_triton``) times every config that can take
+a shape once, on its first call, and keeps the fastest (eval/results/bench_matmul_h100.md):
 
-- decode (M <= ``DECODE_MAX_M``): memory-bound. The weight tile is the dot's register
-  operand (64-128 output features) and the few rows of x, padded to 16, the shared-memory
-  one, so no tensor-core row is wasted on a weight. K is split over several programs so
-  that every SM streams weight bytes; the last program of an output tile to finish adds
-  the others' fp32 partials (one launch, no atomics on the output, no second kernel).
-- prefill (larger M): compute-bound. 64-256 row tiles, grouped tile order for L2 reuse.
+- ``_mxfp4_gemv_kernel``, M = 1 on the CUDA cores: no padding of x to 16 rows. Each thread
+  loads groups of 32 codes of a row (one or two scale blocks) in one 16-byte load each, with
+  the 64 bytes of x they multiply, turns the codes into float32 values and sums the products
+  in float32; nothing moves between threads until the end.
+- ``_mxfp4_mma_kernel``, M <= 16 with bf16 x: the weight as the A operand of warp-level
+  ``mma.sync`` (16 rows), 8 rows of x its B operand; every operand is loaded straight into
+  the registers the mma reads, so there is no shared memory and no barrier in the loop.
+  Fastest at M = 2..8 on every Llama-3-8B shape and at M = 1 on some.
+- ``_mxfp4_matmul_kernel``, the tensor-core kernel through ``tl.dot``; both register kernels
+  need K a multiple of 32, so it also takes other K. Its two launch families share one body
+  and differ only in their configs:
+
+  - decode (M <= ``DECODE_MAX_M``): memory-bound. The weight tile is the dot's register
+    operand (64-128 output features) and the few rows of x, padded to 16, the shared-memory
+    one, so no tensor-core row is wasted on a weight. K is split over several programs so
+    that every SM streams weight bytes; the last program of an output tile to finish adds
+    the others' fp32 partials (one launch, no atomics on the output, no second kernel).
+  - prefill (larger M): compute-bound. 64-256 row tiles, grouped tile order for L2 reuse.
 
 Code -> value without a lookup table: the 3 magnitude bits of an E2M1 code placed at the
 bottom of a float32/bfloat16 exponent field, and its sign at the sign bit, read as a float
@@ -557,7 +562,7 @@ _MMA_TOKENS: tl.constexpr = tl.constexpr(8)  # x rows of one mma
 _MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bf16 operands
 _WORDS_PER_LANE: tl.constexpr = tl.constexpr(4)  # one 16-byte load of a weight row per lane and step
 _STEP_WORDS: tl.constexpr = tl.constexpr(16)  # lanes t = 0..3 take consecutive quads: 128 codes a warp and step
-_BF16_EXP_SHIFT: tl.constexpr = tl.constexpr(_BF16_MANTISSA_BITS)
+_BF16_EXP_SHIFT: tl.constexpr = tl.constexpr(_BF16_MANTISSA_BITS)  # a bf16's exponent field starts at bit 7
 
 
 @triton.jit
@@ -575,10 +580,12 @@ def _mma_a(word, P: tl.constexpr, scale, PTX: tl.constexpr):
     float32). Both are exact: a code has at most 2 significant bits, the scale is a power of two."""
     pair = _code_pair(word, P)
     if PTX:
+        # fma with a -0 addend is an exact multiply (+0 stays +0, -0 stays -0); unlike
+        # mul.bf16x2 (sm_90), fma.bf16x2 runs on sm_80, like mma.sync.
         a = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; mul.rn.bf16x2 t, $1, $2; mul.rn.bf16x2 $0, t, $3; }",
-            "=r,r,r,r",
-            [pair, tl.full(pair.shape, _PAIR_UNDO, tl.int32), scale],
+            "{ .reg .b32 t; fma.rn.bf16x2 t, $1, $2, $4; fma.rn.bf16x2 $0, t, $3, $4; }",
+            "=r,r,r,r,r",
+            [pair, tl.full(pair.shape, _PAIR_UNDO, tl.int32), scale, tl.full(pair.shape, _PAIR_SIGN_BITS, tl.int32)],
             dtype=tl.int32,
             is_pure=True,
             pack=1,
@@ -1189,8 +1196,8 @@ def _gemv_fits(m: int, k: int) -> bool:
 
 
 def _gemv_x(x: torch.Tensor) -> torch.Tensor:
-    """``x`` for the CUDA-core kernel, which reads it 16 bytes at a time (as int32 pairs of
-    elements): its rows must start 16-byte aligned. A fresh copy's do (K % 32 == 0); a
+    """``x`` for the CUDA-core and warp-MMA kernels, which read it 16 bytes at a time (as int32
+    pairs of elements): its rows must start 16-byte aligned. A fresh copy's do (K % 32 == 0); a
     decode step's x is small."""
     if x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) * x.element_size() % 16):
         return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
@@ -1198,7 +1205,7 @@ def _gemv_x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _m_bucket(m: int) -> int:
-    """Autotune key for M: one tuning per power of two, so new prompt lengths don't re-tune."""
+    """The dispatch's key for M: one choice per power of two, so new prompt lengths don't choose again."""
     return 1 << max(m - 1, 0).bit_length()
 
 
@@ -1239,6 +1246,10 @@ def mxfp4_matmul_triton(
     fresh ones, large enough for every config that may run (``split_k_workspace``); for
     benchmarks that time the kernel alone. The kernel leaves the counters at zero again.
     """
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        # Triton launches on the current device, and _choose's timing runs there too.
+        with torch.cuda.device(x.device):
+            return mxfp4_matmul_triton(x, packed, scales, bias, block_size, config, workspace)
     m, k = x.shape
     n = packed.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -1283,17 +1294,31 @@ def _choose(operands) -> triton.Config:
     flush then competes with the timed kernel), and each gets the median of its times.
     A config that does not fit the GPU (registers, shared memory) is skipped."""
     x = operands[0]
-    candidates = []
-    for config in _candidates(x.shape[0], x.shape[1], x):
+    m, k = x.shape
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"mxfp4 matmul: the first call for an input of {m} x {k} rows x features (dtype {x.dtype}) with this "
+            "weight shape came inside CUDA-graph capture, where its kernel cannot be chosen (that times the "
+            "candidates). Call the model once on inputs of the same shape before capturing (a warm-up step), "
+            "as torch.compile's CUDA graphs do."
+        )
+    candidates, failures = [], []
+    for config in _candidates(m, k, x):
         try:
             _launch(operands, config)  # compiles it
-        except triton.runtime.errors.OutOfResources:
+        except Exception as exc:  # does not fit this GPU, or its PTX does not build for it: skipped
+            failures.append(f"{config}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         candidates.append(config)
+    if not candidates:
+        raise RuntimeError("mxfp4 matmul: no kernel config compiled for this GPU:\n" + "\n".join(failures))
     if len(candidates) == 1:
         return candidates[0]
-    flush = torch.empty(2 * torch.cuda.get_device_properties(x.device).L2_cache_size, dtype=torch.int8, device=x.device)
-    flush_view = flush.view(torch.int32)
+    try:
+        size = 2 * torch.cuda.get_device_properties(x.device).L2_cache_size
+        flush = torch.empty(size // 4, dtype=torch.int32, device=x.device)
+    except torch.cuda.OutOfMemoryError:
+        flush = None  # timed with whatever L2 holds: a worse choice, not a failed call
     times = [[] for _ in candidates]
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in candidates]
     for _ in range(_CHOOSE_REPEATS):
@@ -1302,11 +1327,12 @@ def _choose(operands) -> triton.Config:
         # and timed back to back with the host in the loop, host time would decide.
         torch.cuda._sleep(_HOST_COVER_CYCLES * len(candidates))
         for i, config in enumerate(candidates):
-            flush_view.amax()
+            if flush is not None:
+                flush.amax()
             events[i][0].record()
             _launch(operands, config)
             events[i][1].record()
-        torch.cuda.synchronize(x.device)
+        events[-1][1].synchronize()
         for i in range(len(candidates)):
             times[i].append(events[i][0].elapsed_time(events[i][1]))
     medians = [sorted(t)[len(t) // 2] for t in times]
@@ -1330,7 +1356,13 @@ def _launch(operands, config: triton.Config) -> None:
         x = _gemv_x(x)
     # Split-K arrival counters, one per output tile, fresh for every call: a buffer shared
     # between calls would be shared by calls on concurrent streams too.
-    partial, counters = workspace if workspace is not None else split_k_workspace(m, n, (config,), x.device)
+    if workspace is None:
+        partial, counters = split_k_workspace(m, n, (config,), x.device)
+    else:
+        partial, counters = workspace
+        split = config.kwargs["SPLIT_K"]
+        if split > 1 and (partial.numel() < split * m * n or counters.numel() < _output_tiles(m, n, config)):
+            raise ValueError(f"workspace too small for {config}: make it with split_k_workspace for every config")
     common = (x, packed, scales, bias if bias is not None else out, out, partial, counters, m, n)
     kwargs = {"HAS_BIAS": bias is not None, "BLOCK_SIZE": block_size, "INTERPRET": _interpreting()}
     if gemv:
