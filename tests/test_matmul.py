@@ -305,11 +305,12 @@ def test_gpu_every_shipped_mma_config(config):
         scales[3] = 0
         scales[5, 4] = E8M0_NAN
         x[:, :] = x * 2.0**100  # keeps row 3's products out of the float32 subnormals
-        out = mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=config)
+        out = mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=config).cpu()
         assert torch.isnan(out[:, 5]).all()
         keep = torch.arange(1040) != 5
-        ref = reference(x, packed, scales, bias, block_size)
-        assert rel_err(out[:, keep].float(), ref[:, keep]) < MAX_REL_ERR, (m, block_size)
+        ref = reference(x, packed, scales, bias, block_size)[:, keep].double()  # norms of ~1e33 outputs: float64
+        err = ((out[:, keep].double() - ref).norm(dim=0) / ref.norm(dim=0)).max()
+        assert err < MAX_REL_ERR, (m, block_size, float(err))
 
 
 @gpu
