@@ -191,6 +191,18 @@ def test_dispatch_candidates(monkeypatch):
     assert kmm._candidates(4, 64, bf16) == kmm.DECODE_CONFIGS
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's untimed choice")
+def test_dispatch_without_a_config_under_the_interpreter():
+    """No GPU to time candidates on: the dispatch takes the first one (here the CUDA-core kernel
+    at M = 1, the tensor-core decode configs for K = 48) and remembers it."""
+    for m, k, block_size in ((1, 64, 32), (3, 48, 16)):
+        x, packed, scales, bias = make_inputs(m, 24, k, torch.bfloat16, True, block_size, seed=9, device="cpu")
+        out = mxfp4_matmul_triton(x, packed, scales, bias, block_size)
+        assert rel_err(out, reference(x, packed, scales, bias, block_size)) < MAX_REL_ERR
+        key = (kmm._m_bucket(m), 24, k, True, block_size, torch.bfloat16, x.device)
+        assert kmm._CHOSEN[key] == (kmm.GEMV_CONFIGS if m == 1 else kmm.DECODE_CONFIGS)[0]
+
+
 def test_op_matches_dequantize_then_linear_with_leading_dims():
     x, packed, scales, bias = make_inputs(6, 24, 96, torch.bfloat16, True, 32, seed=3, device="cpu")
     x = x.reshape(2, 3, 96)

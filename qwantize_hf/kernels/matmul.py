@@ -1292,12 +1292,13 @@ def _choose(operands) -> triton.Config:
     has left L2 before it is read again. The candidates take turns, each after an L2 flush
     that only reads (Triton's autotuner flushes by writing, and the write-back of the
     flush then competes with the timed kernel), and each gets the median of its times.
-    A config that does not fit the GPU (registers, shared memory) is skipped."""
+    A config that fails to build or run here (registers, shared memory, PTX) is skipped.
+    Under the interpreter (CPU tensors) the first candidate that runs is taken, untimed."""
     x = operands[0]
     m, k = x.shape
-    if torch.cuda.is_current_stream_capturing():
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"mxfp4 matmul: the first call for an input of {m} x {k} rows x features (dtype {x.dtype}) with this "
+            f"mxfp4 matmul: the first call for an input of {m} rows and {k} features ({x.dtype}) with this "
             "weight shape came inside CUDA-graph capture, where its kernel cannot be chosen (that times the "
             "candidates). Call the model once on inputs of the same shape before capturing (a warm-up step), "
             "as torch.compile's CUDA graphs do."
@@ -1311,8 +1312,8 @@ def _choose(operands) -> triton.Config:
             continue
         candidates.append(config)
     if not candidates:
-        raise RuntimeError("mxfp4 matmul: no kernel config compiled for this GPU:\n" + "\n".join(failures))
-    if len(candidates) == 1:
+        raise RuntimeError("mxfp4 matmul: no kernel config could run here:\n" + "\n".join(failures))
+    if len(candidates) == 1 or not x.is_cuda:
         return candidates[0]
     try:
         size = 2 * torch.cuda.get_device_properties(x.device).L2_cache_size
