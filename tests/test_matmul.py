@@ -3,10 +3,10 @@
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py) on small shapes,
 one forced config at a time, so every code path (decode's permuted-K word path, the
-in-order word path, the byte path for fp16, the CUDA-core kernel for one row, split-K,
-the partial last K step) is covered on CPU. With a GPU the same tests run compiled, plus
-the dispatch (which times every candidate config once per shape), CUDA graphs and
-torch.compile on CUDA.
+in-order word path, the byte path for fp16, the CUDA-core kernel for one row, the warp-MMA
+kernel with its mma written out as sums, split-K, the partial last K step) is covered on
+CPU. With a GPU the same tests run compiled, plus the dispatch (which times every
+candidate config once per shape), CUDA graphs and torch.compile on CUDA.
 """
 
 from __future__ import annotations
