@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tests.tiny_models import FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 import bench_generate  # noqa: E402  (eval/ is not a package)
@@ -18,15 +20,7 @@ import bench_generate  # noqa: E402  (eval/ is not a package)
 
 @pytest.fixture(scope="module")
 def tiny_mxfp4_llama():
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = FAMILIES["llama"]()
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

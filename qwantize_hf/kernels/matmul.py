@@ -1366,35 +1366,25 @@ def _launch(operands, config: triton.Config) -> None:
             raise ValueError(f"workspace too small for {config}: make it with split_k_workspace for every config")
     common = (x, packed, scales, bias if bias is not None else out, out, partial, counters, m, n)
     kwargs = {"HAS_BIAS": bias is not None, "BLOCK_SIZE": block_size, "INTERPRET": _interpreting()}
-    if gemv:
+    meta = config.kwargs
+    if gemv or mma:
         args = (*common, k // 8, k // block_size, x.stride(0), n)
-        kwargs["PTX_MUL"] = inline_ptx_allowed(x.device, _BF16X2_MUL_CAPABILITY)
-        kwargs["PTX_LOAD"] = inline_ptx_allowed(x.device, _VECTOR_LOAD_CAPABILITY)
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
-
-        kernel = _mxfp4_gemv_kernel
-    elif mma:
-        tokens = _mma_tokens(m)
-        args = (*common, k // 8, k // block_size, x.stride(0), n)
-        kwargs["TOKENS"] = tokens
-        kwargs["PTX"] = inline_ptx_allowed(x.device, _MMA_CAPABILITY)
-
-        def grid(meta):
-            return (triton.cdiv(n, 16 * meta["TILES"]), meta["SPLIT_K"], triton.cdiv(m, tokens))
-
-        kernel = _mxfp4_mma_kernel
     else:
         args = (*common, k, k // 2, k // 8, k // block_size, x.stride(0), n)
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
+    if gemv:
+        kwargs["PTX_MUL"] = inline_ptx_allowed(x.device, _BF16X2_MUL_CAPABILITY)
+        kwargs["PTX_LOAD"] = inline_ptx_allowed(x.device, _VECTOR_LOAD_CAPABILITY)
+        kernel, grid = _mxfp4_gemv_kernel, (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
+    elif mma:
+        tokens = _mma_tokens(m)
+        kwargs["TOKENS"] = tokens
+        kwargs["PTX"] = inline_ptx_allowed(x.device, _MMA_CAPABILITY)
+        grid = (triton.cdiv(n, 16 * meta["TILES"]), meta["SPLIT_K"], triton.cdiv(m, tokens))
+        kernel = _mxfp4_mma_kernel
+    else:
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         kernel = _mxfp4_matmul_kernel
-    kernel[grid(config.kwargs)](
-        *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-    )
+    kernel[grid](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # (M bucket, N, K, bias?, block size, dtype, device) -> the config ``_choose`` chose for it.
