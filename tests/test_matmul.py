@@ -307,6 +307,82 @@ def test_gpu_autotuned_choice_is_remembered_and_reused(m, dtype):
     assert rel_err(again, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
+def test_launch_key_tells_apart_what_triton_specializes_on():
+    """A remembered launch (``_Launcher``, GPU only) is reused only for calls with the same
+    launch key: the key must change with every tensor's 16-byte alignment and dtype, x's row
+    stride and every size."""
+    x, packed, scales, bias = make_inputs(3, 40, 192, torch.bfloat16, True, 32, seed=1, device="cpu")
+    key = kmm._launch_key(x, packed, scales, bias, 32)
+    assert kmm._launch_key(x.clone(), packed, scales.clone(), bias.clone(), 32) == key
+    unaligned_scales = torch.empty(scales.numel() + 1, dtype=torch.uint8)[1:].view(scales.shape).copy_(scales)
+    wide_x = torch.empty(3, 200, dtype=x.dtype)[:, :192].copy_(x)
+    others = [
+        (x[1:], packed, scales, bias, 32),  # M, and x's start 384 bytes on (aligned)
+        (torch.empty(3 * 192 + 1, dtype=x.dtype)[1:].view(3, 192), packed, scales, bias, 32),  # x unaligned
+        (wide_x, packed, scales, bias, 32),  # row stride
+        (x, packed, unaligned_scales, bias, 32),
+        (x, packed, scales, torch.empty(41, dtype=bias.dtype)[1:], 32),  # bias unaligned
+        (x, packed, scales, bias.float(), 32),
+        (x, packed, scales, None, 32),
+        (x.half(), packed, scales, bias, 32),
+        (x, packed[:20], scales[:20], bias[:20], 32),  # N
+    ]
+    keys = [kmm._launch_key(*args) for args in others]
+    assert key not in keys and len(set(keys)) == len(keys)
+
+
+@gpu
+@pytest.mark.parametrize(
+    ("m", "dtype"), [(1, torch.bfloat16), (4, torch.bfloat16), (3, torch.float16), (16, torch.float16)]
+)
+def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, monkeypatch):
+    """A dispatched call with the launch key of an earlier one starts that call's compiled
+    kernel directly (``_Launcher``): the same bytes as Triton's launch of the chosen config,
+    on new values too, for every launch key, on the capturing stream of a CUDA graph, and
+    never once the choice it came from is dropped."""
+    x, packed, scales, bias = make_inputs(m, 1040, 1536, dtype, True, 32, seed=m, device="cuda")
+    first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # chooses, launches through Triton, remembers
+    launcher = kmm._LAUNCHERS[kmm._launch_key(x, packed, scales, bias, 32)]
+    assert isinstance(launcher, kmm._Launcher)
+    config = kmm._CHOSEN[launcher.choice_key]
+    triton_launch = kmm._launch
+
+    def no_triton_launch(*args):
+        raise AssertionError("a remembered launch went through Triton's launch")
+
+    monkeypatch.setattr(kmm, "_launch", no_triton_launch)
+    assert torch.equal(mxfp4_matmul_triton(x, packed, scales, bias, 32), first)
+    x_new = torch.randn_like(x)
+    again = mxfp4_matmul_triton(x_new, packed, scales, bias, 32)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mxfp4_matmul_triton(x, packed, scales, bias, 32)
+    graph.replay()
+    monkeypatch.setattr(kmm, "_launch", triton_launch)
+    assert torch.equal(again, mxfp4_matmul_triton(x_new, packed, scales, bias, 32, config=config))
+    assert torch.equal(captured, first)
+
+    # Other launch keys: each gets its own launcher, made from a launch through Triton.
+    unaligned_scales = torch.empty(scales.numel() + 1, dtype=torch.uint8, device="cuda")[1:]
+    unaligned_scales = unaligned_scales.view(scales.shape).copy_(scales)
+    wide_x = torch.zeros(m, 1536 + 4, dtype=dtype, device="cuda")[:, :1536].copy_(x)  # rows 8 bytes off 16
+    for args in ((x, packed, unaligned_scales, bias), (wide_x, packed, scales, bias), (x, packed, scales, None)):
+        one = mxfp4_matmul_triton(*args, 32)
+        assert isinstance(kmm._LAUNCHERS[kmm._launch_key(*args, 32)], kmm._Launcher)
+        monkeypatch.setattr(kmm, "_launch", no_triton_launch)
+        assert torch.equal(mxfp4_matmul_triton(*args, 32), one)
+        monkeypatch.setattr(kmm, "_launch", triton_launch)
+        assert rel_err(one, reference(*args, 32)) < MAX_REL_ERR
+
+    # A dropped choice is made again, through Triton's launches, before anything is reused.
+    kmm._CHOSEN.pop(launcher.choice_key)
+    seen = []
+    monkeypatch.setattr(kmm, "_launch", lambda *args: seen.append(args[1]) or triton_launch(*args))
+    out = mxfp4_matmul_triton(x, packed, scales, bias, 32)
+    assert seen and launcher.choice_key in kmm._CHOSEN
+    assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+
+
 @gpu
 @pytest.mark.parametrize("config", kmm.MMA_CONFIGS, ids=str)
 def test_gpu_every_shipped_mma_config(config):

@@ -5,7 +5,8 @@ weight never exists in global memory: each program turns a tile of packed bytes 
 ``x.dtype`` values in registers and feeds them to ``tl.dot`` (wgmma on Hopper).
 
 Three kernels, and the dispatch (``mxfp4_matmul_triton``) times every config that can take
-a shape once, on its first call, and keeps the fastest (eval/results/bench_matmul_h100.md):
+a shape once, on its first call, and keeps the fastest (eval/results/bench_matmul_h100.md);
+a later call with the same launch key starts that compiled kernel directly (``_Launcher``):
 
 - ``_mxfp4_gemv_kernel``, M = 1 on the CUDA cores: no padding of x to 16 rows. Each thread
   loads groups of 32 codes of a row (one or two scale blocks) in one 16-byte load each, with
@@ -1260,15 +1261,51 @@ def mxfp4_matmul_triton(
     if packed.data_ptr() % 16:
         packed = packed.clone()  # word loads need a 16-byte aligned start; a fresh allocation has one
     operands = (x, packed, scales, bias, out, block_size, workspace)
-    if config is None:
-        # The choice is made once per key; later calls launch it directly, with no tuning
-        # machinery on the way (eval/bench_op_overhead.py).
-        key = (_m_bucket(m), n, k, bias is not None, block_size, x.dtype, x.device)
-        config = _CHOSEN.get(key)
-        if config is None:
-            config = _CHOSEN[key] = _choose(operands)
-    _launch(operands, config)
+    if config is not None or workspace is not None:
+        _launch(operands, config or _dispatch(operands))
+        return out
+    # A dispatched call: the choice is made once per key (_dispatch), and a call whose
+    # arguments look like an earlier one's, to Triton's specialization, starts that call's
+    # compiled kernel directly (_Launcher), with no tuning or argument binding on the way.
+    launch_key = _launch_key(x, packed, scales, bias, block_size)
+    launcher = _LAUNCHERS.get(launch_key)
+    if launcher is not None and _CHOSEN.get(launcher.choice_key) is launcher.config:
+        launcher(x, packed, scales, bias, out)
+        return out
+    config = _dispatch(operands)
+    compiled = _launch(operands, config)
+    if x.is_cuda and m <= DECODE_MAX_M and (launcher is not None or launch_key not in _LAUNCHERS):
+        # Decode sizes only, where host time counts and M takes few values (a key per exact M).
+        # None where this Triton's compiled kernels lack the launcher interface: never tried again.
+        _LAUNCHERS[launch_key] = _Launcher.make(compiled, operands, config, _choice_key(operands))
     return out
+
+
+def _launch_key(x, packed, scales, bias, block_size) -> tuple:
+    """``_LAUNCHERS``' key: everything a launch's compiled kernel depends on but the config
+    (chosen per ``_choice_key``, which this determines): exact sizes and x's row stride, and
+    the dtype and 16-byte alignment of each tensor (Triton specializes pointers on it). The
+    output and split-K buffers are fresh allocations (aligned), ``packed`` aligned by the caller."""
+    m, k = x.shape
+    aligned = (x.data_ptr() % 16 == 0, scales.data_ptr() % 16 == 0, bias is None or bias.data_ptr() % 16 == 0)
+    dtypes = (x.dtype, packed.dtype, scales.dtype, None if bias is None else bias.dtype)
+    return (m, packed.shape[0], k, x.stride(0), block_size, aligned, dtypes, x.device)
+
+
+def _choice_key(operands) -> tuple:
+    """``_CHOSEN``'s key for these operands."""
+    x, packed, _, bias, _, block_size, _ = operands
+    m, k = x.shape
+    return (_m_bucket(m), packed.shape[0], k, bias is not None, block_size, x.dtype, x.device)
+
+
+def _dispatch(operands) -> triton.Config:
+    """The config ``_choose`` chose for these operands' key, choosing it on first use."""
+    key = _choice_key(operands)
+    config = _CHOSEN.get(key)
+    if config is None:
+        config = _CHOSEN[key] = _choose(operands)
+    return config
 
 
 def _candidates(m: int, k: int, x: torch.Tensor) -> tuple[triton.Config, ...]:
@@ -1340,8 +1377,15 @@ def _choose(operands) -> triton.Config:
     return candidates[medians.index(min(medians))]
 
 
-def _launch(operands, config: triton.Config) -> None:
-    """One launch of ``config`` on ``mxfp4_matmul_triton``'s operands."""
+def _launch(operands, config: triton.Config):
+    """One launch of ``config`` on ``mxfp4_matmul_triton``'s operands; returns what Triton's
+    launch returns (on a GPU, the compiled kernel)."""
+    kernel, grid, args, kwargs = _launch_args(operands, config)
+    return kernel[grid](*args, **kwargs)
+
+
+def _launch_args(operands, config: triton.Config):
+    """The kernel, grid, arguments and keyword arguments of a launch of ``config`` on these operands."""
     x, packed, scales, bias, out, block_size, workspace = operands
     m, k = x.shape
     n = packed.shape[0]
@@ -1384,8 +1428,69 @@ def _launch(operands, config: triton.Config) -> None:
     else:
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         kernel = _mxfp4_matmul_kernel
-    kernel[grid](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    kwargs.update(meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    return kernel, grid, args, kwargs
+
+
+# The tensors every kernel takes first: x, packed, scales, bias (or out), out, split-K partials and counters.
+_TENSOR_ARGS = 7
+
+
+class _Launcher:
+    """A dispatched call's launch, remembered: the compiled kernel of its config, started through
+    the launcher Triton compiled for it. ``kernel[grid](...)`` binds and specializes every
+    argument on every call; in eager decoding that host time is most of a call's
+    (eval/bench_op_overhead.py). A launcher is kept per exact launch key (shape, strides, and
+    the dtype and 16-byte alignment of every tensor: a finer key than Triton's specialization,
+    so the compiled kernel is the one Triton would pick); per call only the tensors change."""
+
+    __slots__ = ("choice_key", "config", "_compiled", "_grid", "_fixed", "_rows16", "_split", "_device", "_stream")
+
+    @classmethod
+    def make(cls, compiled, operands, config: triton.Config, choice_key: tuple) -> _Launcher | None:
+        """A launcher for the launch ``_launch`` just made, or None where Triton's compiled
+        kernel does not have the launcher interface this relies on (another Triton version)."""
+        kernel, grid, args, kwargs = _launch_args(operands, config)
+        values = dict(zip(kernel.arg_names, args))
+        values.update(kwargs)
+        if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+            return None
+        if not all(name in values for name in kernel.arg_names):
+            return None
+        self = cls()
+        self.choice_key = choice_key
+        self.config = config
+        self._compiled = compiled
+        self._grid = (*grid, 1, 1)[:3]  # the tensor-core kernel's grid has two axes
+        self._fixed = tuple(values[name] for name in kernel.arg_names[_TENSOR_ARGS:])
+        self._rows16 = is_gemv_config(config) or is_mma_config(config)
+        self._split = config.kwargs["SPLIT_K"]
+        self._device = operands[0].device
+        # Triton's own way to the current stream (torch's raw stream handle, for a device index).
+        get_stream = triton.runtime.driver.active.get_current_stream
+        index = self._device.index
+        self._stream = lambda: get_stream(index)
+        return self
+
+    def __call__(self, x, packed, scales, bias, out) -> None:
+        m, n = out.shape
+        if self._rows16:
+            x = _gemv_x(x)
+        if self._split > 1:
+            partial, counters = split_k_workspace(m, n, (self.config,), self._device)
+        else:
+            partial = counters = None
+        args = (x, packed, scales, bias if bias is not None else out, out, partial, counters, *self._fixed)
+        compiled, grid = self._compiled, self._grid
+        stream = self._stream()
+        hooks = triton.knobs.runtime
+        compiled.run(
+            grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+            compiled.launch_metadata(grid, stream, *args), hooks.launch_enter_hook, hooks.launch_exit_hook, *args,
+        )  # fmt: skip
 
 
 # (M bucket, N, K, bias?, block size, dtype, device) -> the config ``_choose`` chose for it.
 _CHOSEN: dict[tuple, triton.Config] = {}
+# mxfp4_matmul_triton's launch key -> the launcher of its last dispatched call with that key.
+_LAUNCHERS: dict[tuple, _Launcher | None] = {}
