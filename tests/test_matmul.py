@@ -11,7 +11,9 @@ candidate config once per shape), CUDA graphs and torch.compile on CUDA.
 
 from __future__ import annotations
 
+import inspect
 import os
+import random
 import subprocess
 import sys
 
@@ -307,45 +309,83 @@ def test_gpu_autotuned_choice_is_remembered_and_reused(m, dtype):
     assert rel_err(again, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
-def test_launch_key_tells_apart_what_triton_specializes_on():
-    """A remembered launch (``_Launcher``, GPU only) is reused only for calls with the same
-    launch key: the key must change with every tensor's 16-byte alignment and dtype, x's row
-    stride and every size."""
-    x, packed, scales, bias = make_inputs(3, 40, 192, torch.bfloat16, True, 32, seed=1, device="cpu")
-    key = kmm._launch_key(x, packed, scales, bias, 32)
-    assert kmm._launch_key(x.clone(), packed, scales.clone(), bias.clone(), 32) == key
-    unaligned_scales = torch.empty(scales.numel() + 1, dtype=torch.uint8)[1:].view(scales.shape).copy_(scales)
-    wide_x = torch.empty(3, 200, dtype=x.dtype)[:, :192].copy_(x)
-    others = [
-        (x[1:], packed, scales, bias, 32),  # M, and x's start 384 bytes on (aligned)
-        (torch.empty(3 * 192 + 1, dtype=x.dtype)[1:].view(3, 192), packed, scales, bias, 32),  # x unaligned
-        (wide_x, packed, scales, bias, 32),  # row stride
-        (x, packed, unaligned_scales, bias, 32),
-        (x, packed, scales, torch.empty(41, dtype=bias.dtype)[1:], 32),  # bias unaligned
-        (x, packed, scales, bias.float(), 32),
-        (x, packed, scales, None, 32),
-        (x.half(), packed, scales, bias, 32),
-        (x, packed[:20], scales[:20], bias[:20], 32),  # N
-    ]
-    keys = [kmm._launch_key(*args) for args in others]
-    assert key not in keys and len(set(keys)) == len(keys)
+def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
+    """A remembered launch (``_Launcher``, GPU only) is reused for every call with its launch
+    key, so calls with equal keys must get the same compiled kernel and grid from Triton: for
+    random sizes, offsets, row strides, bias dtypes and every shipped config, equal keys give
+    equal specializations by Triton's own specialization function."""
+    specialize = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    def view(numel, dtype, offset, shape):
+        return torch.zeros(numel + 16, dtype=dtype)[offset : offset + numel].view(shape)
+
+    def specialization(kernel, args, kwargs):
+        params = inspect.signature(kernel.fn).parameters.values()  # kernel: a JIT or interpreted function
+        values = dict(zip((p.name for p in params), args))
+        values.update(kwargs)
+        return tuple(
+            ("constexpr", values[p.name])
+            if "constexpr" in str(p.annotation)
+            else specialize(BaseBackend, values[p.name], False, True, True)
+            for p in params
+        )
+
+    rng = random.Random(0)
+    configs = kmm.GEMV_CONFIGS + kmm.MMA_CONFIGS + kmm.DECODE_CONFIGS + kmm.PREFILL_CONFIGS
+    seen, keys = {}, set()
+    for _ in range(150):
+        m, n, k = rng.choice([1, 2, 3, 16]), rng.choice([16, 17, 32]), rng.choice([64, 96])
+        dtype = rng.choice([torch.bfloat16, torch.float16])
+        pad, start = rng.choice([0, 2, 4, 8, 16]), rng.choice([0, 1, 2, 4, 8])
+        x = view(m * (k + pad), dtype, start, (m, k + pad))[:, :k]
+        packed = torch.zeros(n, k // 2, dtype=torch.uint8)
+        scales = view(n * (k // 32), torch.uint8, rng.choice([0, 1, 16]), (n, k // 32))
+        bias = rng.choice(
+            [None, view(n, dtype, rng.choice([0, 1, 8]), (n,)), view(n, torch.float32, rng.choice([0, 1, 4]), (n,))]
+        )
+        operands = (x, packed, scales, bias, torch.empty(m, n, dtype=dtype), 32, None)
+        key = kmm._launch_key(x, packed, scales, bias, 32)
+        keys.add(key)
+        for config in configs:
+            try:
+                kernel, grid, args, kwargs = kmm._launch_args(operands, config)
+            except ValueError:  # a register kernel and fp16 x
+                continue
+            launch = (specialization(kernel, args, kwargs), grid, kernel.fn.__name__)
+            assert seen.setdefault((key, str(config)), launch) == launch, (key, config)
+    assert len(keys) > 50  # the draws do reach many keys
+
+
+# (M, x dtype, config): one of each kernel family, split-K ones among them, and the
+# tensor-core kernel's two-axis grid.
+LAUNCHER_CASES = [
+    (1, torch.bfloat16, kmm.GEMV_CONFIGS[0]),
+    (4, torch.bfloat16, _mma_config(2, 4, 2)),
+    (16, torch.bfloat16, _mma_config(1, 4, 1, x_ahead=False)),
+    (3, torch.float16, kmm.DECODE_CONFIGS[0]),
+    (16, torch.float16, kmm.DECODE_CONFIGS[3]),
+]
 
 
 @gpu
-@pytest.mark.parametrize(
-    ("m", "dtype"), [(1, torch.bfloat16), (4, torch.bfloat16), (3, torch.float16), (16, torch.float16)]
-)
-def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, monkeypatch):
+@pytest.mark.parametrize(("m", "dtype", "config"), LAUNCHER_CASES, ids=str)
+def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, config, monkeypatch):
     """A dispatched call with the launch key of an earlier one starts that call's compiled
     kernel directly (``_Launcher``): the same bytes as Triton's launch of the chosen config,
-    on new values too, for every launch key, on the capturing stream of a CUDA graph, and
-    never once the choice it came from is dropped."""
+    on new values too, on a side stream and on the capturing stream of a CUDA graph; other
+    launch keys get launchers of their own; none is used once its choice is dropped."""
     x, packed, scales, bias = make_inputs(m, 1040, 1536, dtype, True, 32, seed=m, device="cuda")
-    first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # chooses, launches through Triton, remembers
-    launcher = kmm._LAUNCHERS[kmm._launch_key(x, packed, scales, bias, 32)]
-    assert isinstance(launcher, kmm._Launcher)
-    config = kmm._CHOSEN[launcher.choice_key]
+    operands = (x, packed, scales, bias, None, 32, None)
+    choice_key = kmm._choice_key(operands)
+    monkeypatch.setitem(kmm._CHOSEN, choice_key, config)  # the dispatch's choice, forced
+    first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # through Triton, remembered
+    key = kmm._launch_key(x, packed, scales, bias, 32)
+    launcher = kmm._LAUNCHERS[key]
+    assert isinstance(launcher, kmm._Launcher) and launcher.config is config
+    assert torch.equal(first, mxfp4_matmul_triton(x, packed, scales, bias, 32, config=config))
     triton_launch = kmm._launch
+    launched = []
 
     def no_triton_launch(*args):
         raise AssertionError("a remembered launch went through Triton's launch")
@@ -354,32 +394,39 @@ def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, monkeypatch):
     assert torch.equal(mxfp4_matmul_triton(x, packed, scales, bias, 32), first)
     x_new = torch.randn_like(x)
     again = mxfp4_matmul_triton(x_new, packed, scales, bias, 32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = mxfp4_matmul_triton(x, packed, scales, bias, 32)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = mxfp4_matmul_triton(x, packed, scales, bias, 32)
     graph.replay()
-    monkeypatch.setattr(kmm, "_launch", triton_launch)
+    monkeypatch.setattr(kmm, "_launch", lambda *args: launched.append(args[1]) or triton_launch(*args))
     assert torch.equal(again, mxfp4_matmul_triton(x_new, packed, scales, bias, 32, config=config))
-    assert torch.equal(captured, first)
+    assert torch.equal(on_side, first) and torch.equal(captured, first)
 
-    # Other launch keys: each gets its own launcher, made from a launch through Triton.
+    # Other launch keys (same choice): each first call goes through Triton and leaves a launcher of its own.
     unaligned_scales = torch.empty(scales.numel() + 1, dtype=torch.uint8, device="cuda")[1:]
     unaligned_scales = unaligned_scales.view(scales.shape).copy_(scales)
     wide_x = torch.zeros(m, 1536 + 4, dtype=dtype, device="cuda")[:, :1536].copy_(x)  # rows 8 bytes off 16
-    for args in ((x, packed, unaligned_scales, bias), (wide_x, packed, scales, bias), (x, packed, scales, None)):
+    for args in ((x, packed, unaligned_scales, bias), (wide_x, packed, scales, bias)):
+        launched.clear()
         one = mxfp4_matmul_triton(*args, 32)
-        assert isinstance(kmm._LAUNCHERS[kmm._launch_key(*args, 32)], kmm._Launcher)
+        assert launched == [config]
+        other = kmm._LAUNCHERS[kmm._launch_key(*args, 32)]
+        assert isinstance(other, kmm._Launcher) and other is not launcher
         monkeypatch.setattr(kmm, "_launch", no_triton_launch)
         assert torch.equal(mxfp4_matmul_triton(*args, 32), one)
-        monkeypatch.setattr(kmm, "_launch", triton_launch)
+        monkeypatch.setattr(kmm, "_launch", lambda *args: launched.append(args[1]) or triton_launch(*args))
         assert rel_err(one, reference(*args, 32)) < MAX_REL_ERR
 
-    # A dropped choice is made again, through Triton's launches, before anything is reused.
-    kmm._CHOSEN.pop(launcher.choice_key)
-    seen = []
-    monkeypatch.setattr(kmm, "_launch", lambda *args: seen.append(args[1]) or triton_launch(*args))
+    # A dropped choice is made again, through Triton's launches, and a new launcher replaces the old one.
+    kmm._CHOSEN.pop(choice_key)
+    launched.clear()
     out = mxfp4_matmul_triton(x, packed, scales, bias, 32)
-    assert seen and launcher.choice_key in kmm._CHOSEN
+    assert launched and choice_key in kmm._CHOSEN and kmm._LAUNCHERS[key] is not launcher
     assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 

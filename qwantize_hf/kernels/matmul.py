@@ -1273,11 +1273,11 @@ def mxfp4_matmul_triton(
         launcher(x, packed, scales, bias, out)
         return out
     config = _dispatch(operands)
-    compiled = _launch(operands, config)
+    launch = _launch(operands, config)
     if x.is_cuda and m <= DECODE_MAX_M and (launcher is not None or launch_key not in _LAUNCHERS):
         # Decode sizes only, where host time counts and M takes few values (a key per exact M).
-        # None where this Triton's compiled kernels lack the launcher interface: never tried again.
-        _LAUNCHERS[launch_key] = _Launcher.make(compiled, operands, config, _choice_key(operands))
+        # None under a Triton this was not tested with: never tried again.
+        _LAUNCHERS[launch_key] = _Launcher.make(launch, config, _choice_key(operands))
     return out
 
 
@@ -1377,11 +1377,12 @@ def _choose(operands) -> triton.Config:
     return candidates[medians.index(min(medians))]
 
 
-def _launch(operands, config: triton.Config):
-    """One launch of ``config`` on ``mxfp4_matmul_triton``'s operands; returns what Triton's
-    launch returns (on a GPU, the compiled kernel)."""
+def _launch(operands, config: triton.Config) -> tuple:
+    """One launch of ``config`` on ``mxfp4_matmul_triton``'s operands. Returns the launch:
+    the kernel, grid, arguments, keyword arguments, and what Triton's launch returned (on a
+    GPU, the compiled kernel)."""
     kernel, grid, args, kwargs = _launch_args(operands, config)
-    return kernel[grid](*args, **kwargs)
+    return kernel, grid, args, kwargs, kernel[grid](*args, **kwargs)
 
 
 def _launch_args(operands, config: triton.Config):
@@ -1436,27 +1437,33 @@ def _launch_args(operands, config: triton.Config):
 _TENSOR_ARGS = 7
 
 
+# Triton versions whose compiled kernels' launcher _Launcher calls the way JITFunction.run does.
+_LAUNCHER_TRITON = ("3.6",)
+
+
 class _Launcher:
     """A dispatched call's launch, remembered: the compiled kernel of its config, started through
-    the launcher Triton compiled for it. ``kernel[grid](...)`` binds and specializes every
-    argument on every call; in eager decoding that host time is most of a call's
-    (eval/bench_op_overhead.py). A launcher is kept per exact launch key (shape, strides, and
-    the dtype and 16-byte alignment of every tensor: a finer key than Triton's specialization,
-    so the compiled kernel is the one Triton would pick); per call only the tensors change."""
+    the launcher Triton compiled for it, with the arguments in the order Triton's own launch
+    passes them. ``kernel[grid](...)`` binds and specializes every argument on every call; in
+    eager decoding that host time is most of a call's (eval/bench_op_overhead.py). A launcher is
+    kept per exact launch key (sizes, x's row stride, and the dtype and 16-byte alignment of
+    every tensor: finer than Triton's specialization, see the tests, so the compiled kernel is
+    the one Triton would pick); per call only the tensors change. Like the dispatch's choice,
+    what a first call read from the environment (QWANTIZE_HF_NO_INLINE_PTX, Triton's debug
+    knobs) holds for later calls with its key; Triton's pre-run hooks and its check that the
+    kernels' global constants did not change are skipped (these kernels have neither)."""
 
     __slots__ = ("choice_key", "config", "_compiled", "_grid", "_fixed", "_rows16", "_split", "_device", "_stream")
 
     @classmethod
-    def make(cls, compiled, operands, config: triton.Config, choice_key: tuple) -> _Launcher | None:
-        """A launcher for the launch ``_launch`` just made, or None where Triton's compiled
-        kernel does not have the launcher interface this relies on (another Triton version)."""
-        kernel, grid, args, kwargs = _launch_args(operands, config)
+    def make(cls, launch: tuple, config: triton.Config, choice_key: tuple) -> _Launcher | None:
+        """A launcher for a launch ``_launch`` just made on a GPU, or None under a Triton
+        version not in ``_LAUNCHER_TRITON`` (the dispatch then launches through Triton)."""
+        kernel, grid, args, kwargs, compiled = launch
+        if not triton.__version__.startswith(_LAUNCHER_TRITON):
+            return None
         values = dict(zip(kernel.arg_names, args))
         values.update(kwargs)
-        if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
-            return None
-        if not all(name in values for name in kernel.arg_names):
-            return None
         self = cls()
         self.choice_key = choice_key
         self.config = config
@@ -1465,7 +1472,7 @@ class _Launcher:
         self._fixed = tuple(values[name] for name in kernel.arg_names[_TENSOR_ARGS:])
         self._rows16 = is_gemv_config(config) or is_mma_config(config)
         self._split = config.kwargs["SPLIT_K"]
-        self._device = operands[0].device
+        self._device = args[0].device
         # Triton's own way to the current stream (torch's raw stream handle, for a device index).
         get_stream = triton.runtime.driver.active.get_current_stream
         index = self._device.index
