@@ -1261,12 +1261,14 @@ def mxfp4_matmul_triton(
     if packed.data_ptr() % 16:
         packed = packed.clone()  # word loads need a 16-byte aligned start; a fresh allocation has one
     operands = (x, packed, scales, bias, out, block_size, workspace)
-    if config is not None or workspace is not None:
+    # Remembered launches (_Launcher) are for dispatched calls of decode sizes on a GPU, where
+    # host time counts and M takes few values (a launch key per exact M).
+    if config is not None or workspace is not None or not x.is_cuda or m > DECODE_MAX_M:
         _launch(operands, config or _dispatch(operands))
         return out
-    # A dispatched call: the choice is made once per key (_dispatch), and a call whose
-    # arguments look like an earlier one's, to Triton's specialization, starts that call's
-    # compiled kernel directly (_Launcher), with no tuning or argument binding on the way.
+    # The choice is made once per key (_dispatch), and a call whose arguments look like an
+    # earlier one's, to Triton's specialization, starts that call's compiled kernel directly,
+    # with no tuning or argument binding on the way.
     launch_key = _launch_key(x, packed, scales, bias, block_size)
     launcher = _LAUNCHERS.get(launch_key)
     if launcher is not None and _CHOSEN.get(launcher.choice_key) is launcher.config:
@@ -1274,8 +1276,7 @@ def mxfp4_matmul_triton(
         return out
     config = _dispatch(operands)
     launch = _launch(operands, config)
-    if x.is_cuda and m <= DECODE_MAX_M and (launcher is not None or launch_key not in _LAUNCHERS):
-        # Decode sizes only, where host time counts and M takes few values (a key per exact M).
+    if launcher is not None or launch_key not in _LAUNCHERS:
         # None under a Triton this was not tested with: never tried again.
         _LAUNCHERS[launch_key] = _Launcher.make(launch, config, _choice_key(operands))
     return out
