@@ -85,8 +85,13 @@ def _stream_read(
     tl.store(out_ptr + pid, tl.reduce(tl.reduce(tl.reduce(acc, 2, _xor), 1, _xor), 0, _xor))
 
 
-# (programs per SM, warps, UNROLL, CONTIGUOUS); VECS = 32 * warps (one vector a thread and load)
+# (programs per SM, warps, UNROLL, CONTIGUOUS)
 STREAM_GRID = list(itertools.product((1, 2, 4, 8), (4, 8), (1, 2, 4), (True, False)))
+
+
+def stream_kwargs(warps: int, unroll: int, contiguous: bool) -> dict:
+    """``_stream_read``'s launch keywords for one STREAM_GRID entry: one vector a thread and load."""
+    return dict(VECS=32 * warps, UNROLL=unroll, CONTIGUOUS=contiguous, num_warps=warps)
 
 
 def stream_ceiling(bufs: list[torch.Tensor], sms: int) -> tuple[float, tuple, list]:
@@ -96,7 +101,7 @@ def stream_ceiling(bufs: list[torch.Tensor], sms: int) -> tuple[float, tuple, li
     rows = []
     for per_sm, warps, unroll, contiguous in STREAM_GRID:
         grid = (per_sm * sms,)
-        kw = dict(VECS=32 * warps, UNROLL=unroll, CONTIGUOUS=contiguous, num_warps=warps)
+        kw = stream_kwargs(warps, unroll, contiguous)
         t = bench(lambda grid=grid, kw=kw: [_stream_read[grid](b, out, n_vec, **kw) for b in bufs], len(bufs))
         rows.append((t, (per_sm, warps, unroll, contiguous)))
     best = min(rows)
@@ -120,9 +125,7 @@ def check_stream(buf: torch.Tensor, sms: int) -> None:
     want = xor_all(buf)
     for per_sm, warps, unroll, contiguous in STREAM_GRID:
         out = torch.zeros(per_sm * sms, dtype=torch.int32, device="cuda")
-        _stream_read[(per_sm * sms,)](
-            buf, out, n_vec, VECS=32 * warps, UNROLL=unroll, CONTIGUOUS=contiguous, num_warps=warps
-        )
+        _stream_read[(per_sm * sms,)](buf, out, n_vec, **stream_kwargs(warps, unroll, contiguous))
         if xor_all(out) != want:
             raise SystemExit(f"_stream_read {(per_sm, warps, unroll, contiguous)} read the wrong bytes")
 

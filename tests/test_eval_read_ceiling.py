@@ -27,10 +27,7 @@ def test_stream_read_reads_every_vector_once(per_sm, warps, unroll, contiguous, 
     buf = torch.randint(-(2**31), 2**31 - 1, (4 * n_vec,), generator=gen, dtype=torch.int32).to(KERNEL_DEVICE)
     programs = per_sm * 3  # a pretend GPU of 3 SMs
     out = torch.zeros(programs, dtype=torch.int32, device=KERNEL_DEVICE)
-    brc._stream_read[(programs,)](
-        buf, out, n_vec, VECS=32 * warps, UNROLL=unroll, CONTIGUOUS=contiguous, INTERPRET=INTERPRET,
-        num_warps=warps,
-    )  # fmt: skip
+    brc._stream_read[(programs,)](buf, out, n_vec, INTERPRET=INTERPRET, **brc.stream_kwargs(warps, unroll, contiguous))
     want = xor_reference(buf.cpu())
     assert xor_reference(out.cpu()) == want
     assert brc.xor_all(buf) == want
