@@ -24,10 +24,10 @@ import gc
 import time
 
 import torch
-from llama_shapes import CONFIGS  # eval/llama_shapes.py
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from qwantize_hf.evaluation.shapes import CONFIGS
 from qwantize_hf.linear import MXFP4Linear
 
 

@@ -4,15 +4,14 @@
     python eval/perplexity.py --model org/name --text wikitext-2 --tokens 65536
 
 The same command is installed as ``qwantize-eval``; everything it does lives in
-``qwantize_hf.perplexity`` (see ``--help``).
+``qwantize_hf.evaluation`` (see ``--help``). Like every script under ``eval/``,
+it imports the installed package (``pip install -e .``, as ``make venv`` and
+``make demo`` do).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from qwantize_hf.perplexity import main  # noqa: E402
+from qwantize_hf.evaluation.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="python eval/perplexity.py"))

@@ -22,20 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from qwantize_hf.constants import BITS_PER_WEIGHT
-from qwantize_hf.format import check_block_size, check_scale_method
+from qwantize_hf.format import check_block_size
+from qwantize_hf.methods import scale_method as scale_method_row
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card_template.md"
 CARD_INFO_ATTRIBUTE = "qwantize_card_info"
 DEFAULT_REPO_ID = "path/to/this/model"
 
-SCALE_METHOD_DESCRIPTIONS = {
-    "mse": (
-        "per block, the power-of-two scale with the least squared error (searched exactly among e0-1, e0, "
-        "e0+1, which holds the optimum over all scales whose grid stays finite)"
-    ),
-    "naive": "the OCP MX v1.0 rule, floor(log2(amax)) - 2",
-    "even": "the OCP rule, one step up when amax's mantissa rounds up (torchao EVEN)",
-}
 TAGS = ("mxfp4", "qwantize_hf", "4-bit", "quantized")
 EVAL_COLUMNS = ("Method", "Perplexity", "Δ vs bf16", "Gap to bf16 recovered", "Bits / weight")
 
@@ -112,7 +105,7 @@ def render_model_card(
     block_size = quantization_config["block_size"]
     scale_method = quantization_config["scale_method"]
     check_block_size(block_size)
-    check_scale_method(scale_method)
+    description = scale_method_row(scale_method).description
     if eval_results is not None and not isinstance(eval_results.get("methods"), list):
         raise ValueError("eval_results needs a 'methods' list of per-method results (see the eval scripts' JSON)")
     skipped = quantization_config.get("modules_to_not_convert") or []
@@ -130,7 +123,7 @@ def render_model_card(
         "format_version": quantization_config.get("format_version", 1),
         "block_size": block_size,
         "scale_method": scale_method,
-        "scale_method_description": SCALE_METHOD_DESCRIPTIONS[scale_method],
+        "scale_method_description": description,
         "bits_per_weight": format(BITS_PER_WEIGHT[block_size], "g"),
         "base_model_cell": f"`{base_model}`" if base_model else "not recorded",
         "modules_to_not_convert": ", ".join(f"`{m}`" for m in skipped) if skipped else "none",

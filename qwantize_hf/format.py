@@ -57,8 +57,8 @@ from qwantize_hf.constants import (
     F32_MANTISSA_BITS,
     F32_SIGN_SHIFT,
     MSE_WEIGHT_RELATIVE_FLOOR,
-    SCALE_METHODS,
 )
+from qwantize_hf.methods import scale_method as _scale_method_row
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -87,8 +87,8 @@ def check_block_size(block_size: int) -> None:
 
 
 def check_scale_method(scale_method: str) -> None:
-    if scale_method not in SCALE_METHODS:
-        raise ValueError(f"scale_method must be one of {SCALE_METHODS}, got {scale_method!r}")
+    """Raise a ValueError naming the valid scale methods (methods.SCALE_METHODS) and a close match."""
+    _scale_method_row(scale_method)
 
 
 def check_weight(w: torch.Tensor, block_size: int, name: str = "w") -> None:
@@ -253,6 +253,15 @@ def choose_mse_byte(
     return torch.where(keep, e0, torch.where(up, e0 + 1, e0 - 1))
 
 
+# Each scale method's byte rule (methods.SCALE_METHODS names them): (|x| float32 [n_blocks, block_size],
+# amax bits [n_blocks], per-element weights or None) -> int32 bytes [n_blocks], 255 for a non-finite block.
+SCALE_BYTE_RULES = {
+    "naive": lambda absx, amax_bits, weights: naive_scale_bytes(amax_bits),
+    "even": lambda absx, amax_bits, weights: even_scale_bytes(amax_bits),
+    "mse": mse_scale_bytes,
+}
+
+
 # --------------------------------------------------------------------------- quantize / dequantize
 
 
@@ -284,15 +293,10 @@ def quantize_blocks_torch(
     bits = float32_bits(w).reshape(-1, block_size)
     absx = (bits & F32_ABS_MASK).view(torch.float32)
     amax_bits = block_amax_bits(w, block_size)
-    if scale_method == "naive":
-        e = naive_scale_bytes(amax_bits)
-    elif scale_method == "even":
-        e = even_scale_bytes(amax_bits)
-    else:
-        block_weights = None
-        if weights is not None:
-            block_weights = weights.reshape(-1, block_size).repeat(bits.shape[0] * block_size // weights.numel(), 1)
-        e = mse_scale_bytes(absx, amax_bits, block_weights)
+    block_weights = None
+    if weights is not None:
+        block_weights = weights.reshape(-1, block_size).repeat(bits.shape[0] * block_size // weights.numel(), 1)
+    e = SCALE_BYTE_RULES[scale_method](absx, amax_bits, block_weights)
     nonfinite = e == E8M0_NAN
     q = absx * pow2_of_scale_byte(torch.where(nonfinite, E8M0_BIAS, e), negate=True)[:, None]
     sign = ((bits >> F32_SIGN_SHIFT) & 1).to(torch.int32) * F4_E2M1_SIGN_BIT
@@ -319,6 +323,7 @@ def dequantize_blocks_torch(
 
 
 __all__ = [
+    "SCALE_BYTE_RULES",
     "SUPPORTED_DTYPES",
     "check_block_size",
     "check_scale_method",

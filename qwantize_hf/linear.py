@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_METHOD, F4_CODES_PER_BYTE
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, F4_CODES_PER_BYTE
 from qwantize_hf.format import check_block_size
-from qwantize_hf.matmul import mxfp4_linear
+from qwantize_hf.linear_op import mxfp4_linear
+from qwantize_hf.methods import DEFAULT_SCALE_METHOD
 from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
 
 
@@ -95,7 +96,7 @@ class MXFP4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The custom op: the fused Triton kernel for CUDA bf16/fp16 decode-sized
-        # inputs, dequantize + F.linear otherwise (see qwantize_hf/matmul.py).
+        # inputs, dequantize + F.linear otherwise (see qwantize_hf/linear_op.py).
         return mxfp4_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)
 
     def extra_repr(self) -> str:

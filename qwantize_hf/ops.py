@@ -3,17 +3,16 @@
 Every check on user input lives here, once, so both backends see the same
 validated, contiguous tensors. A block holding NaN or Inf gets scale byte 255
 from either backend, and this module turns that into an error: such a weight
-never leaves here looking like a valid quantized tensor.
+never leaves here looking like a valid quantized tensor. Which backend runs is
+``qwantize_hf.backend``'s call; the kernels never import this module.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_METHOD, E8M0_NAN, F4_CODES_PER_BYTE
+from qwantize_hf.backend import resolve_backend
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, E8M0_NAN, F4_CODES_PER_BYTE
 from qwantize_hf.format import (
     SUPPORTED_DTYPES,
     check_block_size,
@@ -23,65 +22,7 @@ from qwantize_hf.format import (
     normalize_mse_weights,
     quantize_blocks_torch,
 )
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """The compute capability of a CUDA device; (0, 0) for any other device."""
-    if device.type != "cuda":
-        return (0, 0)
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def inline_ptx_enabled() -> bool:
-    """Inline PTX in the kernels: off under the interpreter (it cannot run PTX), on ROCm builds
-    of torch (AMD GPUs also show as "cuda" devices, and have no PTX) and with
-    QWANTIZE_HF_NO_INLINE_PTX=1; the kernels then run plain-op versions of the same arithmetic."""
-    if _interpreting() or torch.version.hip is not None:
-        return False
-    return os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
-
-
-def inline_ptx_allowed(device: torch.device, capability: tuple[int, int]) -> bool:
-    """Whether a kernel launched for ``device`` may use inline PTX that needs ``capability``:
-    ``inline_ptx_enabled`` and a CUDA device at least that new."""
-    return inline_ptx_enabled() and device_capability(device) >= capability
-
-
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """'auto' → 'triton' for CUDA tensors when Triton is installed, else 'torch'."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return backend
-    usable = triton_available() and (tensor.is_cuda or _interpreting())
-    if backend == "triton" and not usable:
-        why = "Triton is not installed" if not triton_available() else f"the tensor is on {tensor.device}"
-        raise RuntimeError(
-            f"backend='triton' cannot run here: {why}. Use a CUDA tensor with Triton installed, "
-            "set TRITON_INTERPRET=1 to run the kernels on the CPU (slow), or pass backend='torch'"
-        )
-    if backend == "auto":
-        return "triton" if usable and tensor.is_cuda else "torch"
-    return backend
+from qwantize_hf.methods import DEFAULT_SCALE_METHOD, SCALE_METHODS
 
 
 def _raise_on_nonfinite(scales: torch.Tensor, shape: torch.Size, block_size: int, name: str) -> None:
@@ -119,12 +60,13 @@ def quantize_mxfp4(
     check_scale_method(scale_method)
     check_weight(w, block_size, name)
     if weights is not None:
-        if scale_method != "mse":
-            raise ValueError(f"weights only change the 'mse' search; scale_method={scale_method!r} ignores them")
+        if not SCALE_METHODS[scale_method].takes_weights:
+            takers = " / ".join(repr(name) for name, method in SCALE_METHODS.items() if method.takes_weights)
+            raise ValueError(f"weights only change the {takers} search; scale_method={scale_method!r} ignores them")
         weights = normalize_mse_weights(weights, w.shape[-1], w.device)
     chosen = resolve_backend(backend, w)
     w = w.contiguous()
-    if chosen == "triton":
+    if chosen == "triton" and SCALE_METHODS[scale_method].kernel_id is not None:
         from qwantize_hf.kernels.quantize import quantize_triton
 
         packed, scales = quantize_triton(w, block_size, scale_method, weights)

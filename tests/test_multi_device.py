@@ -10,7 +10,7 @@ What it cannot: a real second device. ``"meta"`` is no placement (transformers
 leaves such weights unloaded, so even an unquantized model cannot run), and
 two CPU entries such as ``"cpu"`` and ``"cpu:0"`` make accelerate's dispatch
 fail for any model (a TypeError in ``set_module_tensor_to_device``, with or
-without quantization). ``eval/multi_gpu_check.py`` runs the real 2-GPU case.
+without quantization). ``eval/checks/multi_gpu_check.py`` runs the real 2-GPU case.
 """
 
 from __future__ import annotations
@@ -209,12 +209,12 @@ def test_reload_under_another_device_map_is_bit_identical(quantized_split, label
     assert first["model.layers.1.mlp.up_proj.weight"].dtype == torch.uint8
 
 
-# --------------------------------------------------------------------------- eval/multi_gpu_check.py without a GPU
+# ----------------------------------------------------------------------- eval/checks/multi_gpu_check.py without a GPU
 
 
 def run_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, str(REPO / "eval" / "multi_gpu_check.py"), *args]
+    command = [sys.executable, str(REPO / "eval" / "checks" / "multi_gpu_check.py"), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
 
 

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from qwantize_hf import evaluation, perplexity
+from qwantize_hf import evaluation
 from qwantize_hf.calibration import eligible_linear_names
+from qwantize_hf.evaluation import nll
 from tests.tiny_models import COMMON, VOCAB, save_random_model
 
 
@@ -126,7 +127,7 @@ def tiny_run(tmp_path_factory):
     text.write_text(TEXT)
     calibration = folder / "calibration.txt"
     calibration.write_text(CALIBRATION)
-    settings = perplexity.RunSettings(
+    settings = evaluation.RunSettings(
         model=str(folder),
         text=[str(text)],
         context_length=64,
@@ -139,7 +140,7 @@ def tiny_run(tmp_path_factory):
         calibration_seq_len=64,
         progress=False,
     )
-    return settings, perplexity.run_comparison(settings)
+    return settings, evaluation.run_comparison(settings)
 
 
 def test_every_method_scores_the_same_tokens_and_the_json_has_the_card_schema(tiny_run):
@@ -174,10 +175,10 @@ def test_a_method_scoring_other_positions_is_refused(tiny_run, monkeypatch):
             result.positions = result.positions + 1
         return result
 
-    monkeypatch.setattr(evaluation, "token_nll", shifted)
-    quick = perplexity.RunSettings(**{**vars(settings), "methods": ["naive"], "tokens": 100})
+    monkeypatch.setattr(nll, "token_nll", shifted)  # where the data-parallel scorer looks it up
+    quick = evaluation.RunSettings(**{**vars(settings), "methods": ["naive"], "tokens": 100})
     with pytest.raises(RuntimeError, match="naive scored other token positions"):
-        perplexity.run_comparison(quick)
+        evaluation.run_comparison(quick)
 
 
 def test_per_layer_report_matches_a_direct_computation(tiny_run):
@@ -196,7 +197,7 @@ def test_per_layer_report_matches_a_direct_computation(tiny_run):
             w_hat = dequantize_mxfp4(packed, scales, dtype=torch.float32)
             expected = float((w.double() - w_hat.double()).norm() / w.double().norm())
             assert run["layers"][method][name]["relative_error"] == pytest.approx(expected, rel=1e-12)
-            e0 = perplexity.naive_bytes_of(w, 32)
+            e0 = evaluation.naive_bytes_of(w, 32)
             offsets = scales.reshape(-1).int() - e0
             row = run["layers"][method][name]
             assert [row["e0-1"], row["e0"], row["e0+1"]] == [int((offsets == d).sum()) for d in (-1, 0, 1)]
@@ -209,7 +210,7 @@ def test_per_layer_report_matches_a_direct_computation(tiny_run):
 def test_outputs_are_written_and_the_card_states_the_results(tiny_run, tmp_path):
     _, run = tiny_run
     run = {**run, "command": "qwantize-eval --tokens 400", "model_note": "weights from a test GGUF grid"}
-    written = perplexity.write_outputs(run, tmp_path / "results", "tiny", tmp_path / "card")
+    written = evaluation.write_outputs(run, tmp_path / "results", "tiny", tmp_path / "card")
     names = sorted(p.name for p in written)
     assert names == ["README.md", "tiny-layers.md", "tiny.json", "tiny.md", "tiny.png"]
     assert json.loads((tmp_path / "results" / "tiny.json").read_text())["methods"] == run["methods"]

@@ -124,7 +124,7 @@ def test_dequantize_round_trip_through_api():
 
 def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from qwantize_hf.ops import resolve_backend
+    from qwantize_hf.backend import resolve_backend
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.zeros(1))
@@ -225,22 +225,26 @@ def test_half_search_refuses_float32():
 def test_inline_ptx_only_on_new_enough_gpus(monkeypatch):
     """PTX that needs sm_80 (the packed search) or sm_90 (the one-row matmul's bf16x2 multiply)
     is used only on GPUs that new: older ones run the plain-op versions instead of failing to build."""
-    import qwantize_hf.kernels.quantize as kq
-    import qwantize_hf.ops as ops
+    import qwantize_hf.backend as backend
+    from qwantize_hf.kernels.quantize import half_search_runs_on
+
+    def gpu_of(capability):
+        return lambda device: capability if device.type == "cuda" else (0, 0)
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (8, 6))
+    monkeypatch.setattr(backend, "device_capability", gpu_of((8, 6)))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("QWANTIZE_HF_NO_INLINE_PTX", raising=False)
-    assert ops.inline_ptx_allowed(cuda, (8, 0))
-    assert not ops.inline_ptx_allowed(cuda, (9, 0))
-    assert not ops.inline_ptx_allowed(torch.device("cpu"), (8, 0))
+    assert backend.inline_ptx_allowed(cuda, (8, 0))
+    assert not backend.inline_ptx_allowed(cuda, (9, 0))
+    assert not backend.inline_ptx_allowed(torch.device("cpu"), (8, 0))
     monkeypatch.setenv("QWANTIZE_HF_NO_INLINE_PTX", "1")
-    assert not ops.inline_ptx_allowed(cuda, (8, 0))
+    assert not backend.inline_ptx_allowed(cuda, (8, 0))
 
-    monkeypatch.setattr(kq, "_PACKED_ASM", True)
-    assert kq._half_search_runs_on(cuda)
-    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (7, 5))
-    assert not kq._half_search_runs_on(cuda)
-    monkeypatch.setattr(kq, "_PACKED_ASM", False)  # plain ops run anywhere
-    assert kq._half_search_runs_on(cuda)
+    # The quantize kernel reads the switch per launch, as the matmul does.
+    monkeypatch.delenv("QWANTIZE_HF_NO_INLINE_PTX")
+    assert half_search_runs_on(cuda)
+    monkeypatch.setattr(backend, "device_capability", gpu_of((7, 5)))
+    assert not half_search_runs_on(cuda)
+    monkeypatch.setenv("QWANTIZE_HF_NO_INLINE_PTX", "1")  # plain ops run anywhere
+    assert half_search_runs_on(cuda)

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from qwantize_hf.constants import SCALE_METHODS
+from qwantize_hf.methods import SCALE_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from_ct.add_argument("out", help="output folder")
     from_ct.add_argument(
         "--scale-method",
-        choices=SCALE_METHODS,
+        choices=list(SCALE_METHODS),
         default="even",
         help="recorded in the config: how new weights would be quantized; the checkpoint's scales are kept as "
         "they are (default: even, compressed-tensors' own rule)",

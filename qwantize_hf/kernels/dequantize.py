@@ -1,7 +1,8 @@
 """Triton MXFP4 dequantize kernel: packed codes and UE8M0 bytes in, bf16/fp16/fp32 out.
 
 Its torch twin is ``qwantize_hf.format.dequantize_blocks_torch``: code value ×
-2**(e-127) in float32, then one cast. Byte 255 gives NaN.
+2**(e-127) in float32, then one cast. Byte 255 gives NaN. The scale byte's value is
+``mx_decode.e8m0_value``, the one the matmul kernels use.
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ import triton.language as tl
 
 from qwantize_hf import constants as C
 from qwantize_hf.format import E2M1_F32_CODE_OFFSET, E2M1_F32_CODE_SHIFT
+from qwantize_hf.kernels.mx_decode import e8m0_value
 
-_MANT: tl.constexpr = tl.constexpr(C.F32_MANTISSA_BITS)
 _NIBBLE: tl.constexpr = tl.constexpr(C.F4_NIBBLE_BITS)
 _NIBBLE_MASK: tl.constexpr = tl.constexpr(C.F4_NIBBLE_MASK)
 _MAG_MASK: tl.constexpr = tl.constexpr(C.F4_E2M1_MAG_MASK)
 _CODE_SIGN: tl.constexpr = tl.constexpr(C.F4_E2M1_SIGN_BIT)
 _SIGN_SHIFT: tl.constexpr = tl.constexpr(C.F4_SIGN_TO_F32_SHIFT)  # code bit 3 → float sign bit
 _BF16_SHIFT: tl.constexpr = tl.constexpr(C.BF16_SHIFT)
-_E8M0_NAN: tl.constexpr = tl.constexpr(C.E8M0_NAN)
-# 2**-127 (byte 0) is a float32 subnormal; its bit pattern.
-_SMALLEST_SCALE_BITS: tl.constexpr = tl.constexpr(1 << (C.F32_MANTISSA_BITS - 1))
 # Magnitude index m >= 2 is 2**(m//2 - 1) * (1 + (m % 2) / 2): float32 bits (m + 252) << 22.
 _VALUE_SHIFT: tl.constexpr = tl.constexpr(E2M1_F32_CODE_SHIFT)
 _VALUE_BASE: tl.constexpr = tl.constexpr(E2M1_F32_CODE_OFFSET)
@@ -37,13 +35,6 @@ def e2m1_code_value(codes):
     # Set the sign bit directly: negation written as 0 - x would turn code 8 into +0.0.
     sign = (codes & _CODE_SIGN) << _SIGN_SHIFT
     return (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def e8m0_value(e):
-    """float32 2**(e - 127) for int32 scale bytes; NaN for 255."""
-    bits = tl.where(e == 0, _SMALLEST_SCALE_BITS, e << _MANT)
-    return tl.where(e == _E8M0_NAN, float("nan"), bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit

@@ -15,6 +15,10 @@ saturation are exact or the one round-to-nearest-even the float32 path does; onl
 d * d and the sums are float32, as before. On the GPU those float16 operations are
 inline PTX on element pairs (2i, 2i+1): left to LLVM, its vectorizer pairs elements
 of different groups and the kernel spends more on shuffling halves than it saves.
+Whether they are is the ``PACKED_ASM`` launch argument, read per launch like the
+matmul's PTX switches (``backend.inline_ptx_enabled``): off under TRITON_INTERPRET=1,
+which cannot run PTX, and with QWANTIZE_HF_NO_INLINE_PTX=1 (the same operations as
+plain tl ops: same bytes, slower; eval/bench_quantize.py times both).
 """
 
 from __future__ import annotations
@@ -26,10 +30,9 @@ import triton
 import triton.language as tl
 
 from qwantize_hf import constants as C
+from qwantize_hf.backend import inline_ptx_allowed, inline_ptx_enabled
 from qwantize_hf.format import EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW
-from qwantize_hf.ops import device_capability, inline_ptx_enabled
-
-METHOD_IDS = {"naive": 0, "even": 1, "mse": 2}
+from qwantize_hf.methods import SCALE_METHODS
 
 _MANT: tl.constexpr = tl.constexpr(C.F32_MANTISSA_BITS)
 _ABS_MASK: tl.constexpr = tl.constexpr(C.F32_ABS_MASK)
@@ -99,15 +102,8 @@ _CODE_PAIR_ASM: tl.constexpr = tl.constexpr(
     "{ .reg .b32 t; "
     f"shr.b32 t, $1, {_F16.bits - C.F4_NIBBLE_BITS}; lop3.b32 $0, $1, t, {C.F4_NIBBLE_MASK:#x}, 0xe4; }}"
 )
-# Inline PTX for the packed float16 operations, except under TRITON_INTERPRET=1 (the
-# interpreter cannot run PTX; it runs the same operations as plain tl ops) or when
-# QWANTIZE_HF_NO_INLINE_PTX=1 (same bytes, slower: LLVM pairs the wrong elements into
-# f16x2 registers; eval/bench_quantize.py times both). Read at import, as triton.jit
-# reads TRITON_INTERPRET to choose the interpreter for this module's kernels. Same rule
-# (ops.inline_ptx_enabled) as the one-row matmul's bf16x2 multiply, checked per launch there.
 _THREADS_PER_WARP = 32
 _HALF_SEARCH_CAPABILITY = (8, 0)
-_PACKED_ASM: tl.constexpr = tl.constexpr(inline_ptx_enabled())
 
 
 @triton.jit
@@ -194,9 +190,9 @@ def _group_candidate_sums(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGH
 
 
 @triton.jit
-def _h2(op: tl.constexpr, x, y):
+def _h2(op: tl.constexpr, x, y, PACKED_ASM: tl.constexpr):
     """Packed float16 binary op ("min", "max" or "sub") on element pairs 2i, 2i+1."""
-    if _PACKED_ASM:
+    if PACKED_ASM:
         # sub with .rn: never contracted into an fma
         instruction: tl.constexpr = "sub.rn" if op == "sub" else op
         out = tl.inline_asm_elementwise(
@@ -212,8 +208,8 @@ def _h2(op: tl.constexpr, x, y):
 
 
 @triton.jit
-def _hfma(x, y, z):
-    if _PACKED_ASM:
+def _hfma(x, y, z, PACKED_ASM: tl.constexpr):
+    if PACKED_ASM:
         out = tl.inline_asm_elementwise(
             "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [x, y, z], dtype=tl.float16, is_pure=True, pack=2
         )
@@ -223,9 +219,9 @@ def _hfma(x, y, z):
 
 
 @triton.jit
-def _signed_four(sign_bits):
+def _signed_four(sign_bits, PACKED_ASM: tl.constexpr):
     """float16 -4.0 where bit 15 of the int16 ``sign_bits`` is set, else 4.0."""
-    if _PACKED_ASM:
+    if PACKED_ASM:
         # (x & sign bit) | bits of 4.0 on both halves in one lop3
         out = tl.inline_asm_elementwise(
             _SIGNED_FOUR_ASM,
@@ -241,10 +237,10 @@ def _signed_four(sign_bits):
 
 
 @triton.jit
-def _pack_code_pairs(biased_codes, ROWS: tl.constexpr):
+def _pack_code_pairs(biased_codes, ROWS: tl.constexpr, PACKED_ASM: tl.constexpr):
     """float16 1024 + code per element, [ROWS, 8] → bytes code(2i) | code(2i+1) << 4, [ROWS, 4] int32
     (on the GPU path only the low 8 bits are the byte; the store keeps just those)."""
-    if _PACKED_ASM:
+    if PACKED_ASM:
         # low byte: the low half's code | (the high half's code, shifted down 12) & 0xF0
         both = tl.inline_asm_elementwise(
             _CODE_PAIR_ASM,
@@ -275,7 +271,7 @@ def _f16_full(like, bits: tl.constexpr):
 
 
 @triton.jit
-def _half_rounded(a, power_floor, J: tl.constexpr):
+def _half_rounded(a, power_floor, J: tl.constexpr, PACKED_ASM: tl.constexpr):
     """a rounded onto the grid of scale 2**J (units of s_min), in float16, before saturation,
     and z = a + magic (z - 2**9 is >= a for a > 0.25, and 0 for a <= 0.25 when J = 0).
 
@@ -284,14 +280,16 @@ def _half_rounded(a, power_floor, J: tl.constexpr):
     spacing, so r is the same round-to-nearest-even. Both fmas are exact but for
     the one rounding that makes z: their products are powers of two times a power of two.
     """
-    power = _h2("max", power_floor, _f16_full(a, (_H_BIAS + J) << _H_MANT))
-    z = _hfma(power, _f16_full(a, _H_MAGIC_SCALE), a)
-    r = _hfma(power, _f16_full(a, _H_NEG_MAGIC_SCALE), z)
+    power = _h2("max", power_floor, _f16_full(a, (_H_BIAS + J) << _H_MANT), PACKED_ASM)
+    z = _hfma(power, _f16_full(a, _H_MAGIC_SCALE), a, PACKED_ASM)
+    r = _hfma(power, _f16_full(a, _H_NEG_MAGIC_SCALE), z, PACKED_ASM)
     return r, z
 
 
 @triton.jit
-def _half_error_sum(kept, r, w, J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
+def _half_error_sum(
+    kept, r, w, J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr, PACKED_ASM: tl.constexpr
+):
     """One group's squared error (float32, the twin's pairwise tree) of the kept a against r,
     saturated at the grid's top 6 * 2**J (a < 16 never reaches the top of the 4·s_min
     grid, 24, so J = 2 skips it).
@@ -301,8 +299,8 @@ def _half_error_sum(kept, r, w, J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROWS
     weights the tree's first level, d0*d0 + d1*d1 rounded once, is one fma.
     """
     if J < 2:
-        r = _h2("min", r, _f16_full(r, _H_SIX_BITS + _H_EXP_ONE * J))
-    d_even, d_odd = tl.split(tl.reshape(_h2("sub", kept, r), [ROWS, _GROUP // 2, 2]))
+        r = _h2("min", r, _f16_full(r, _H_SIX_BITS + _H_EXP_ONE * J), PACKED_ASM)
+    d_even, d_odd = tl.split(tl.reshape(_h2("sub", kept, r, PACKED_ASM), [ROWS, _GROUP // 2, 2]))
     d_even = d_even.to(tl.float32)
     d_odd = d_odd.to(tl.float32)
     if HAS_WEIGHTS:
@@ -317,7 +315,7 @@ def _half_error_sum(kept, r, w, J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROWS
 
 @triton.jit
 def _group_candidate_sums_half(
-    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr
+    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr, PACKED_ASM: tl.constexpr
 ):
     """_group_candidate_sums with the rounding in float16, two elements to an instruction.
 
@@ -332,20 +330,21 @@ def _group_candidate_sums_half(
     w = 0.0
     if HAS_WEIGHTS:
         w = tl.load(weights_ptr + feature[:, None] + tl.arange(0, _GROUP)[None, :], mask=in_range[:, None], other=0.0)
-    r_lo, z_lo = _half_rounded(a, power_floor, 0)
+    r_lo, z_lo = _half_rounded(a, power_floor, 0, PACKED_ASM)
     # Elements at or below 0.25·s_min round to zero under every candidate: left out.
     # For them z_lo is exactly 2**9; above, 4 * (z_lo - 2**9) >= 4 * r_lo > a.
-    kept = _h2("min", a, _hfma(z_lo, _f16_full(a, _H_FOUR_BITS), _f16_full(a, _H_DROP_BITS)))
-    err_lo = _half_error_sum(kept, r_lo, w, 0, HAS_WEIGHTS, ROWS)
-    r_mid, _ = _half_rounded(a, power_floor, 1)
-    err_mid = _half_error_sum(kept, r_mid, w, 1, HAS_WEIGHTS, ROWS)
-    r_hi, _ = _half_rounded(a, power_floor, 2)
-    err_hi = _half_error_sum(kept, r_hi, w, 2, HAS_WEIGHTS, ROWS)
+    drop = _hfma(z_lo, _f16_full(a, _H_FOUR_BITS), _f16_full(a, _H_DROP_BITS), PACKED_ASM)
+    kept = _h2("min", a, drop, PACKED_ASM)
+    err_lo = _half_error_sum(kept, r_lo, w, 0, HAS_WEIGHTS, ROWS, PACKED_ASM)
+    r_mid, _ = _half_rounded(a, power_floor, 1, PACKED_ASM)
+    err_mid = _half_error_sum(kept, r_mid, w, 1, HAS_WEIGHTS, ROWS, PACKED_ASM)
+    r_hi, _ = _half_rounded(a, power_floor, 2, PACKED_ASM)
+    err_hi = _half_error_sum(kept, r_hi, w, 2, HAS_WEIGHTS, ROWS, PACKED_ASM)
     return err_lo, err_mid, err_hi, a, a
 
 
 @triton.jit
-def _group_packed_from_half(bits, a, chosen, nonfinite, ROWS: tl.constexpr):
+def _group_packed_from_half(bits, a, chosen, nonfinite, ROWS: tl.constexpr, PACKED_ASM: tl.constexpr):
     """Codes of one group at the chosen grid 2**chosen * s_min, from the half search's a.
 
     With v = min(a, 6 * 2**chosen) / 2**chosen, the E2M1 index is 2v rounded below 2,
@@ -357,18 +356,17 @@ def _group_packed_from_half(bits, a, chosen, nonfinite, ROWS: tl.constexpr):
     four bits are the code.
     """
     zeros = tl.zeros_like(a)
-    q = _h2("min", a, zeros + _f16_of_bits((chosen << _H_MANT) + _H_SIX_BITS)[:, None])
+    q = _h2("min", a, zeros + _f16_of_bits((chosen << _H_MANT) + _H_SIX_BITS)[:, None], PACKED_ASM)
     k1_bits = (_H_BIAS << _H_MANT) + (chosen << _H_MANT) * -1  # 2**-chosen
     k0 = zeros + _f16_of_bits(k1_bits + _H_EXP_ONE)[:, None]
     k1 = zeros + _f16_of_bits(k1_bits)[:, None]
     k2 = zeros + _f16_of_bits(k1_bits - _H_EXP_ONE)[:, None]
-    index = _h2(
-        "min",
-        _h2("min", _hfma(q, k0, _f16_full(a, _H_INDEX_BASE_BITS)), _hfma(q, k1, _f16_full(a, _H_INDEX_BASE_BITS + 2))),
-        _hfma(q, k2, _f16_full(a, _H_INDEX_BASE_BITS + 4)),
-    )
-    sign_four = _signed_four((bits >> _F16_SIGN_TO_F32).to(tl.int16))
-    return tl.where(nonfinite[:, None], 0, _pack_code_pairs(_h2("sub", index, sign_four), ROWS))
+    index0 = _hfma(q, k0, _f16_full(a, _H_INDEX_BASE_BITS), PACKED_ASM)
+    index = _h2("min", index0, _hfma(q, k1, _f16_full(a, _H_INDEX_BASE_BITS + 2), PACKED_ASM), PACKED_ASM)
+    index = _h2("min", index, _hfma(q, k2, _f16_full(a, _H_INDEX_BASE_BITS + 4), PACKED_ASM), PACKED_ASM)
+    sign_four = _signed_four((bits >> _F16_SIGN_TO_F32).to(tl.int16), PACKED_ASM)
+    codes = _h2("sub", index, sign_four, PACKED_ASM)
+    return tl.where(nonfinite[:, None], 0, _pack_code_pairs(codes, ROWS, PACKED_ASM))
 
 
 @triton.jit
@@ -405,19 +403,29 @@ def _group_packed_from_a(bits, a, magic_floor_bits, chosen, nonfinite, ROWS: tl.
 
 @triton.jit
 def _group_search(
-    bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr
+    bits,
+    f_min,
+    weights_ptr,
+    feature,
+    in_range,
+    HAS_WEIGHTS: tl.constexpr,
+    ROWS: tl.constexpr,
+    HALF: tl.constexpr,
+    PACKED_ASM: tl.constexpr,
 ):
     if HALF:
-        out = _group_candidate_sums_half(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, ROWS)
+        out = _group_candidate_sums_half(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, ROWS, PACKED_ASM)
     else:
         out = _group_candidate_sums(bits, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, ROWS)
     return out
 
 
 @triton.jit
-def _group_codes(bits, a, magic_floor, chosen, nonfinite, ROWS: tl.constexpr, HALF: tl.constexpr):
+def _group_codes(
+    bits, a, magic_floor, chosen, nonfinite, ROWS: tl.constexpr, HALF: tl.constexpr, PACKED_ASM: tl.constexpr
+):
     if HALF:
-        out = _group_packed_from_half(bits, a, chosen, nonfinite, ROWS)
+        out = _group_packed_from_half(bits, a, chosen, nonfinite, ROWS, PACKED_ASM)
     else:
         out = _group_packed_from_a(bits, a, magic_floor, chosen, nonfinite, ROWS)
     return out
@@ -443,10 +451,12 @@ def _quantize_kernel(
     METHOD: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     HALF: tl.constexpr,
+    PACKED_ASM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blocks = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
     in_range = blocks < n_blocks
+    ROWS: tl.constexpr = BLOCKS_PER_PROG  # every tensor below has a row per block
     # A block is 2 (block 16) or 4 (block 32) groups of 8; groups 2 and 3 only exist for 32.
     bits0 = _load_group_bits(x_ptr, blocks, in_range, 0, BLOCK_SIZE)
     bits1 = _load_group_bits(x_ptr, blocks, in_range, 1, BLOCK_SIZE)
@@ -467,19 +477,19 @@ def _quantize_kernel(
         f_min = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, tl.maximum(e0 - 1, 0)))
         feature = (blocks % blocks_per_row) * BLOCK_SIZE
         lo0, mid0, hi0, a0, m0 = _group_search(
-            bits0, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
+            bits0, f_min, weights_ptr, feature, in_range, HAS_WEIGHTS, ROWS, HALF, PACKED_ASM
         )
         lo1, mid1, hi1, a1, m1 = _group_search(
-            bits1, f_min, weights_ptr, feature + _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
+            bits1, f_min, weights_ptr, feature + _GROUP, in_range, HAS_WEIGHTS, ROWS, HALF, PACKED_ASM
         )
         # the last levels of the pairwise tree: (g0 + g1) + (g2 + g3)
         err_lo, err_mid, err_hi = lo0 + lo1, mid0 + mid1, hi0 + hi1
         if BLOCK_SIZE == 32:
             lo2, mid2, hi2, a2, m2 = _group_search(
-                bits2, f_min, weights_ptr, feature + 2 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
+                bits2, f_min, weights_ptr, feature + 2 * _GROUP, in_range, HAS_WEIGHTS, ROWS, HALF, PACKED_ASM
             )
             lo3, mid3, hi3, a3, m3 = _group_search(
-                bits3, f_min, weights_ptr, feature + 3 * _GROUP, in_range, HAS_WEIGHTS, BLOCKS_PER_PROG, HALF
+                bits3, f_min, weights_ptr, feature + 3 * _GROUP, in_range, HAS_WEIGHTS, ROWS, HALF, PACKED_ASM
             )
             err_lo, err_mid, err_hi = err_lo + (lo2 + lo3), err_mid + (mid2 + mid3), err_hi + (hi2 + hi3)
         err_minus = tl.where(has_minus, err_lo, float("inf"))
@@ -490,59 +500,34 @@ def _quantize_kernel(
         up = err_plus <= err_minus
         e = tl.where(keep, e0, tl.where(up, e0 + 1, e0 - 1))
         chosen = e - tl.maximum(e0 - 1, 0)
-        _store_group(
-            packed_ptr,
-            blocks,
-            in_range,
-            _group_codes(bits0, a0, m0, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
-            0,
-            BLOCK_SIZE,
-        )
-        _store_group(
-            packed_ptr,
-            blocks,
-            in_range,
-            _group_codes(bits1, a1, m1, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
-            1,
-            BLOCK_SIZE,
-        )
+        codes0 = _group_codes(bits0, a0, m0, chosen, nonfinite, ROWS, HALF, PACKED_ASM)
+        _store_group(packed_ptr, blocks, in_range, codes0, 0, BLOCK_SIZE)
+        codes1 = _group_codes(bits1, a1, m1, chosen, nonfinite, ROWS, HALF, PACKED_ASM)
+        _store_group(packed_ptr, blocks, in_range, codes1, 1, BLOCK_SIZE)
         if BLOCK_SIZE == 32:
-            _store_group(
-                packed_ptr,
-                blocks,
-                in_range,
-                _group_codes(bits2, a2, m2, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
-                2,
-                BLOCK_SIZE,
-            )
-            _store_group(
-                packed_ptr,
-                blocks,
-                in_range,
-                _group_codes(bits3, a3, m3, chosen, nonfinite, BLOCKS_PER_PROG, HALF),
-                3,
-                BLOCK_SIZE,
-            )
+            codes2 = _group_codes(bits2, a2, m2, chosen, nonfinite, ROWS, HALF, PACKED_ASM)
+            _store_group(packed_ptr, blocks, in_range, codes2, 2, BLOCK_SIZE)
+            codes3 = _group_codes(bits3, a3, m3, chosen, nonfinite, ROWS, HALF, PACKED_ASM)
+            _store_group(packed_ptr, blocks, in_range, codes3, 3, BLOCK_SIZE)
         tl.store(scales_ptr + blocks, tl.where(nonfinite, _E8M0_NAN, e).to(tl.uint8), mask=in_range)
         return
     e = tl.where(nonfinite, _E8M0_NAN, e)
     factor = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, e))
-    _store_group(packed_ptr, blocks, in_range, _group_packed(bits0, factor, nonfinite, BLOCKS_PER_PROG), 0, BLOCK_SIZE)
-    _store_group(packed_ptr, blocks, in_range, _group_packed(bits1, factor, nonfinite, BLOCKS_PER_PROG), 1, BLOCK_SIZE)
+    _store_group(packed_ptr, blocks, in_range, _group_packed(bits0, factor, nonfinite, ROWS), 0, BLOCK_SIZE)
+    _store_group(packed_ptr, blocks, in_range, _group_packed(bits1, factor, nonfinite, ROWS), 1, BLOCK_SIZE)
     if BLOCK_SIZE == 32:
-        _store_group(
-            packed_ptr, blocks, in_range, _group_packed(bits2, factor, nonfinite, BLOCKS_PER_PROG), 2, BLOCK_SIZE
-        )
-        _store_group(
-            packed_ptr, blocks, in_range, _group_packed(bits3, factor, nonfinite, BLOCKS_PER_PROG), 3, BLOCK_SIZE
-        )
+        _store_group(packed_ptr, blocks, in_range, _group_packed(bits2, factor, nonfinite, ROWS), 2, BLOCK_SIZE)
+        _store_group(packed_ptr, blocks, in_range, _group_packed(bits3, factor, nonfinite, ROWS), 3, BLOCK_SIZE)
     tl.store(scales_ptr + blocks, e.to(tl.uint8), mask=in_range)
 
 
-def _half_search_runs_on(device: torch.device) -> bool:
-    """The packed search's PTX min.f16x2 / max.f16x2 need sm_80: older GPUs take the float32
-    search (or, with QWANTIZE_HF_NO_INLINE_PTX=1, the plain-op float16 one)."""
-    return not _PACKED_ASM or device.type != "cuda" or device_capability(device) >= _HALF_SEARCH_CAPABILITY
+def half_search_runs_on(device: torch.device) -> bool:
+    """Whether the packed float16 search may run on ``device`` now: its PTX min.f16x2 / max.f16x2
+    need sm_80, so older GPUs take the float32 search (or, with QWANTIZE_HF_NO_INLINE_PTX=1,
+    the plain-op float16 one, which runs anywhere)."""
+    if device.type != "cuda" or not inline_ptx_enabled():
+        return True
+    return inline_ptx_allowed(device, _HALF_SEARCH_CAPABILITY)
 
 
 def quantize_triton(
@@ -571,7 +556,7 @@ def quantize_triton(
     if num_warps is None:
         num_warps = 2 if scale_method == "mse" else 4
     whole_blocks_per_thread = blocks_per_prog >= _THREADS_PER_WARP * num_warps
-    ptx_ok = _half_search_runs_on(w.device)
+    ptx_ok = half_search_runs_on(w.device)
     if half_search is None:
         half_search = w.dtype in (torch.bfloat16, torch.float16) and whole_blocks_per_thread and ptx_ok
     if half_search and not ptx_ok:
@@ -602,9 +587,10 @@ def quantize_triton(
         k // block_size,
         BLOCK_SIZE=block_size,
         BLOCKS_PER_PROG=blocks_per_prog,
-        METHOD=METHOD_IDS[scale_method],
+        METHOD=SCALE_METHODS[scale_method].kernel_id,
         HAS_WEIGHTS=weights is not None,
         HALF=half_search and scale_method == "mse",
+        PACKED_ASM=inline_ptx_enabled(),
         num_warps=num_warps,
         enable_fp_fusion=False,
     )

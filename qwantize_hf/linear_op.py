@@ -1,11 +1,12 @@
-"""``mxfp4_linear``: ``x @ dequant(packed, scales).T + bias`` as one ``torch.library`` custom op.
+"""The custom op: ``mxfp4_linear``, ``x @ dequant(packed, scales).T + bias`` as one ``torch.library`` op.
 
+It sits above the kernels and ``ops.py`` and below the modules (``linear.py``), which call it.
 The op ``qwantize_hf::mxfp4_linear(x, packed, scales, bias, block_size)`` has
 
 - a fake (meta) implementation, so ``torch.compile`` traces through it without
   graph breaks and CUDA graphs capture it as one opaque call;
 - a CUDA implementation: for bf16/fp16 activations of at most 16 rows (decode), the
-  fused Triton kernel (``qwantize_hf.kernels.matmul``), which never writes the
+  fused Triton kernels (``qwantize_hf.kernels.matmul_dispatch``), which never write the
   dequantized weight to memory; for more rows, dequantize + cuBLAS, faster there;
 - a CPU implementation (also the CUDA one for float32 activations):
   ``dequantize_mxfp4`` + ``F.linear`` in the input dtype, the kernel's torch twin.
@@ -88,7 +89,7 @@ def _mxfp4_linear_cuda(
     if x.dtype not in _KERNEL_DTYPES:
         # float32 activations would run the kernel's dot in tf32; the twin keeps them exact.
         return _reference(x, packed, scales, bias, block_size)
-    from qwantize_hf.kernels.matmul import DECODE_MAX_M, mxfp4_matmul_triton
+    from qwantize_hf.kernels.matmul_dispatch import DECODE_MAX_M, mxfp4_matmul_triton
 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
@@ -123,9 +124,9 @@ def mxfp4_linear(
     activations of at most 16 rows this is the fused Triton kernel; elsewhere it is
     ``dequantize_mxfp4`` + ``F.linear``. Works under ``torch.compile`` and CUDA graphs (a registered custom op).
     """
-    if _plain_eager_call(x, packed, scales, bias):
+    if plain_eager_call(x, packed, scales, bias):
         # The op's own implementation, without the custom-op dispatcher's host time (about
-        # 80 us a call on the H100 host, eval/bench_op_overhead.py): same code, same result.
+        # 80 us a call on the H100 host, eval/kernels/bench_op_overhead.py): same code, same result.
         impl = _mxfp4_linear_cuda if x.device.type == "cuda" else _mxfp4_linear_default
         return impl(x, packed, scales, bias, block_size)
     return torch.ops.qwantize_hf.mxfp4_linear(x, packed, scales, bias, block_size)
@@ -134,7 +135,7 @@ def mxfp4_linear(
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager_call(x, packed, scales, bias) -> bool:
+def plain_eager_call(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """True when nothing needs the registered op: no compiler or tracer is watching, the
     inputs are ordinary CPU/CUDA tensors, and no gradient is wanted (the op has none)."""
     if torch.compiler.is_compiling():

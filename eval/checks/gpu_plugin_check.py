@@ -1,6 +1,6 @@
 """The plugin end to end on a GPU: load → generate → save → reload on a model of real size.
 
-The model is built from a Llama-3.2-1B-shaped config written below with random
+The model is built from the Llama-3.2-1B config in ``qwantize_hf.evaluation.shapes`` with random
 weights (nothing is downloaded), saved as a bf16 checkpoint, then:
 
 1. loaded in bf16 with device_map="cuda"                       (time, peak GPU memory)
@@ -10,7 +10,7 @@ weights (nothing is downloaded), saved as a bf16 checkpoint, then:
 
 Prints a table and writes it as JSON (``--out``). Usage:
 
-    python eval/gpu_plugin_check.py --out results/
+    python eval/checks/gpu_plugin_check.py --out results/
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from llama_shapes import LLAMA_3_2_1B  # eval/llama_shapes.py: Llama-3.2-1B's architecture, random weights
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import qwantize_hf
 from qwantize_hf import MXFP4Config, MXFP4Linear
+from qwantize_hf.evaluation.shapes import LLAMA_3_2_1B  # Llama-3.2-1B's architecture, random weights
 
 PROMPT_LENGTH = 32
 NEW_TOKENS = 16

@@ -1,6 +1,6 @@
 """The plugin across several GPUs: device_map="auto" quantize-on-load, generation over the split, reload, data parallel.
 
-The model is built from a Llama config of ``eval/llama_shapes.py`` (``--shape``)
+The model is built from a Llama config of ``qwantize_hf.evaluation.shapes`` (``--shape``)
 with random weights (nothing is downloaded), saved as a bf16 checkpoint with a
 byte-level tokenizer and an eval text (this package's own source files), then:
 
@@ -22,9 +22,9 @@ runs it, so the script is exercised without a GPU.
 
 Prints a table and writes ``multi_gpu_check.json`` under ``--out`` (default $OUT).
 
-    python eval/multi_gpu_check.py                 # Llama-3.2-1B shape on every visible GPU
-    python eval/multi_gpu_check.py --shape 8b      # Llama-3-8B shape
-    python eval/multi_gpu_check.py --dry-run --out /tmp/check
+    python eval/checks/multi_gpu_check.py                 # Llama-3.2-1B shape on every visible GPU
+    python eval/checks/multi_gpu_check.py --shape 8b      # Llama-3-8B shape
+    python eval/checks/multi_gpu_check.py --dry-run --out /tmp/check
 """
 
 from __future__ import annotations
@@ -45,16 +45,12 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-EVAL_DIR = Path(__file__).resolve().parent
-REPO = EVAL_DIR.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-sys.path.insert(0, str(EVAL_DIR))
+import qwantize_hf
+import qwantize_hf.replace
+from qwantize_hf import MXFP4Config, MXFP4Linear
+from qwantize_hf.evaluation.shapes import CONFIGS
 
-from llama_shapes import CONFIGS  # noqa: E402  (eval/llama_shapes.py)
-
-import qwantize_hf  # noqa: E402
-import qwantize_hf.replace  # noqa: E402
-from qwantize_hf import MXFP4Config, MXFP4Linear  # noqa: E402
+PERPLEXITY_SCRIPT = Path(__file__).resolve().parents[1] / "perplexity.py"  # eval/perplexity.py
 
 GIB = 2**30
 BYTE_VOCAB = 256  # the byte-level tokenizer's ids; the model's vocabulary is larger, which is fine
@@ -276,13 +272,15 @@ def free_port() -> int:
 def perplexity_check(folder: Path, work: Path, processes: int, args: argparse.Namespace) -> dict:
     """eval/perplexity.py once in one process and once under ``accelerate launch`` with ``processes`` processes."""
     common = [
-        str(EVAL_DIR / "perplexity.py"), "--model", str(folder), "--text", str(folder / "eval.txt"),
+        str(PERPLEXITY_SCRIPT), "--model", str(folder), "--text", str(folder / "eval.txt"),
         "--methods", "mse", "--tokens", str(args.ppl_tokens), "--context-length", str(args.ppl_context),
         "--stride", str(args.ppl_context // 2), "--no-card", "--no-progress",
     ]  # fmt: skip
     if args.dry_run:
         common += ["--device", "cpu", "--dtype", "float32"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # The runs start in `work`, where a relative PYTHONPATH would miss: give them this process's qwantize_hf.
+    package_root = str(Path(qwantize_hf.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     # accelerate starts several processes through its multi-GPU launcher (torchrun), also on CPU,
     # where each joins a gloo group; `--cpu --num_processes N` would start one.
     launch = [
@@ -344,7 +342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--work", type=Path, default=None, help="folder for the checkpoints (default: a temp dir)")
-    parser.add_argument("--shape", choices=sorted(CONFIGS), default="1b", help="Llama shape (eval/llama_shapes.py)")
+    parser.add_argument("--shape", choices=sorted(CONFIGS), default="1b",
+                        help="Llama shape from qwantize_hf.evaluation.shapes")
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a smaller model)")
     parser.add_argument("--max-memory-per-gpu", default=None,
                         help="max_memory for each GPU, e.g. 3GiB (default: what accelerate finds free)")

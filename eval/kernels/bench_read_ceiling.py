@@ -3,20 +3,21 @@
 At M = 1 the fused matmul is a read of the packed codes and scale bytes (N * K * 17 / 32
 bytes) and little else, so no kernel can beat the fastest way of reading that many bytes
 once. For each Llama-3-8B layer shape this script times, in one run and the same way
-``bench_matmul.py`` times the matmul (CUDA-graph replays, medians, rotating over buffer
+``eval/bench_matmul.py`` times the matmul (CUDA-graph replays, medians, rotating over buffer
 copies that do not fit in L2 together):
 
 - an empty kernel: what a launch in a graph costs with no bytes at all;
 - bf16 ``F.linear`` at M = 1 on a weight with as many bytes as the MXFP4 one
   (N' = bytes / 2K rows): cuBLAS reading the same bytes;
-- ``read_alone`` from ``bench_matmul.py``: the fused kernels' tile order, no math;
+- ``read_alone`` (``qwantize_hf.evaluation.gpu_bench``, also in ``bench_matmul.py``'s table): the fused kernels'
+  tile order, no math;
 - ``_stream_read``: the bytes as one flat buffer, 16-byte loads, a grid of 1-8 programs
   an SM, each program taking one contiguous range or striding over the buffer, with 1-4
   loads in flight a thread: the best of the grid is the ceiling this script reports;
 - the fused matmul itself at M = 1 (the dispatch's choice) and bf16 ``F.linear`` on the
   real shape, for the ratio an M = 1 kernel reading as fast as the ceiling would reach.
 
-    python eval/bench_read_ceiling.py --out eval/results/bench_read_ceiling_h100.md
+    python eval/kernels/bench_read_ceiling.py --out eval/results/bench_read_ceiling_h100.md
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 import triton.testing
-from bench_matmul import ROTATE_BYTES, SHAPES, bench, chosen_config, read_alone
 
 from qwantize_hf import quantize_mxfp4
-from qwantize_hf.kernels import matmul as kmm
+from qwantize_hf.evaluation.gpu_bench import ROTATE_BYTES, SHAPES, bench, chosen_config, read_alone
+from qwantize_hf.kernels import matmul_dispatch as kmm
 
 
 @triton.jit
@@ -213,7 +214,9 @@ def main() -> None:
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("# Reading one MXFP4 weight's bytes: the ceiling for M = 1 (`eval/bench_read_ceiling.py`)\n\n")
+            f.write(
+                "# Reading one MXFP4 weight's bytes: the ceiling for M = 1 (`eval/kernels/bench_read_ceiling.py`)\n\n"
+            )
             f.write(text + "\n")
 
 

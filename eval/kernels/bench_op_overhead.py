@@ -8,7 +8,7 @@ fused kernel's Python entry ``mxfp4_matmul_triton`` (a repeated call starts its 
 launch), and that entry forced to the same config, which goes through Triton's own launch;
 then profiles the op's host path with cProfile.
 
-    python eval/bench_op_overhead.py
+    python eval/kernels/bench_op_overhead.py
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from qwantize_hf import quantize_mxfp4
-from qwantize_hf.kernels import matmul as kmm
-from qwantize_hf.matmul import mxfp4_linear
+from qwantize_hf.kernels import matmul_dispatch as kmm
+from qwantize_hf.linear_op import mxfp4_linear
 
 CALLS = 2000
 ROUNDS = 3
@@ -49,7 +49,7 @@ def main() -> None:
     for m in (1, 8):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         mxfp4_linear(x, packed, scales)  # chooses the config and remembers the launch
-        config = kmm._CHOSEN[kmm._choice_key((x, packed, scales, None, None, 32, None))]
+        config = kmm.chosen_config(x, packed, scales, None, 32)
         work = kmm.split_k_workspace(m, n, (config,), x.device)
         rows = {
             "bf16 F.linear": lambda x=x: F.linear(x, w),

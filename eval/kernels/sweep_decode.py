@@ -10,9 +10,9 @@ copies that do not fit in L2. Timed alone, the kernel gets a preallocated split-
 workspace (``mxfp4_matmul_triton(..., workspace=...)``); the best config is timed
 again as a whole call (fresh workspace: one small memset more) next to bf16 ``F.linear``.
 
-    python eval/sweep_decode.py --out eval/results/sweep_decode_h100.md
-    python eval/sweep_decode.py --kernels gemv,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
-    python eval/sweep_decode.py --kernels mma,gemv-shipped,tc-shipped --ms 1,2,4,8,16 \
+    python eval/kernels/sweep_decode.py --out eval/results/sweep_decode_h100.md
+    python eval/kernels/sweep_decode.py --kernels gemv,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
+    python eval/kernels/sweep_decode.py --kernels mma,gemv-shipped,tc-shipped --ms 1,2,4,8,16 \
         --out eval/results/sweep_mma_h100.md
 """
 
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
-from bench_matmul import MAX_FEATURE_ERR, MAX_FROBENIUS_ERR, errors
+
+from qwantize_hf.evaluation.gpu_bench import MAX_FEATURE_ERR, MAX_FROBENIUS_ERR, errors
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]
 MS = [1, 16]
@@ -41,7 +42,7 @@ def config_grid(kernels: list[str]) -> list[tuple]:
     """Config tuples, kernel name first: ("tc", BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or
     ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages) or ("mma", TILES, WARPS, SPLIT_K, warps, X_AHEAD);
     "tc-shipped" and "gemv-shipped" are the shipped DECODE_CONFIGS and GEMV_CONFIGS."""
-    from qwantize_hf.kernels import matmul as kmm
+    from qwantize_hf.kernels import matmul_dispatch as kmm
 
     grid = []
     if "tc" in kernels:
@@ -71,13 +72,13 @@ def config_grid(kernels: list[str]) -> list[tuple]:
 
 
 def make_config(kernel, block_n, block_k, split, warps, stages):
-    from qwantize_hf.kernels import matmul as kmm
+    from qwantize_hf.kernels import matmul_dispatch as kmm
 
     if kernel == "gemv":
-        return kmm._gemv_config(block_n, block_k, split, warps, stages)
+        return kmm.gemv_config(block_n, block_k, split, warps, stages)
     if kernel == "mma":
-        return kmm._mma_config(block_n, warps, split, bool(stages))
-    return kmm._config(kmm._DECODE_BLOCK_M, block_n, block_k, split, True, True, True, warps, stages)
+        return kmm.mma_config(block_n, warps, split, bool(stages))
+    return kmm.tiled_config(kmm.DECODE_BLOCK_M, block_n, block_k, split, True, True, True, warps, stages)
 
 
 def weights_for(n: int, k: int, seed: int = 0):
@@ -92,7 +93,7 @@ def weights_for(n: int, k: int, seed: int = 0):
 def _compile_and_check(job):
     """Worker: run one (config, shape, M) once, which compiles it into the shared cache; return its error."""
     cfg_t, n, k, m = job
-    from qwantize_hf.kernels import matmul as kmm
+    from qwantize_hf.kernels import matmul_dispatch as kmm
 
     try:
         _, packed, scales, w_ref = weights_for(n, k)
@@ -138,7 +139,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"{len(bad)} wrong results, e.g. {bad[:5]}")
 
-    from qwantize_hf.kernels import matmul as kmm
+    from qwantize_hf.kernels import matmul_dispatch as kmm
 
     dev = torch.cuda.get_device_name()
     lines = [
