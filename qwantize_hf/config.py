@@ -9,14 +9,16 @@ and read back from it, so a checkpoint says how it was made.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from qwantize_hf.constants import BITS_PER_WEIGHT, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_METHOD, SCALE_METHODS
+from qwantize_hf.calibration import CALIBRATED, dataset_name, tokenizer_name
+from qwantize_hf.constants import BITS_PER_WEIGHT, BLOCK_SIZES, DEFAULT_BLOCK_SIZE
+from qwantize_hf.methods import DEFAULT_ALGORITHM, DEFAULT_SCALE_METHOD, algorithm, scale_method
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,12 @@ FORMAT_VERSION = 1
 # was used, marked `calibrated: true`; that record is what config.json holds.
 CALIBRATION_DEFAULTS = {"calibration_tokens": 32768, "calibration_seq_len": 1024}
 CALIBRATION_KEYS = ("dataset", "tokenizer", *CALIBRATION_DEFAULTS)
-CALIBRATED = "calibrated"
+# GPTQ's settings (algorithm="gptq"): the damping added to the Hessian's diagonal, as a share of
+# its mean; columns in order of decreasing Hessian diagonal; each group of a layer's Linears
+# calibrated on inputs that carry the error of the groups before it.
+# from_dict's private keyword: the config.json fields this version does not know.
+_FROM_CONFIG_JSON = "_unknown_config_json_fields"
+GPTQ_DEFAULTS = {"damping": 0.01, "act_order": True, "true_sequential": False}  # sequential.gptq_sequential's
 
 
 class MXFP4Config(QuantizationConfigMixin):
@@ -54,6 +61,16 @@ class MXFP4Config(QuantizationConfigMixin):
             unquantized, the text runs through it, and every block's scale is searched with
             each element's squared error weighted by its input feature's mean square
             activation. config.json records what was used, never the text or tokenizer.
+        algorithm: ``"rtn"`` (default: each weight rounded to the nearest code at its block's
+            scale) or ``"gptq"``: error feedback through the Hessian of each Linear's calibration
+            inputs, each block's scale chosen inside the loop by ``scale_method`` with the
+            Hessian's weights, decoder layers quantized one at a time on the outputs of the
+            quantized layers before them. ``"gptq"`` needs ``calibration``.
+        gptq: GPTQ's settings, a dict with ``damping`` (share of the Hessian's mean diagonal
+            added to it, default 0.01), ``act_order`` (columns in order of decreasing Hessian
+            diagonal, default True) and ``true_sequential`` (each group of a layer's Linears
+            calibrated after the groups before it are quantized, default False: one
+            calibration pass a layer).
         format_version: the checkpoint layout version; a checkpoint from a newer layout is refused.
     """
 
@@ -65,6 +82,8 @@ class MXFP4Config(QuantizationConfigMixin):
         dequantize: bool = False,
         base_model: str | None = None,
         calibration: dict[str, Any] | None = None,
+        algorithm: str = DEFAULT_ALGORITHM,
+        gptq: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -74,10 +93,21 @@ class MXFP4Config(QuantizationConfigMixin):
                 f"MXFP4Config is for quant_method {QUANT_METHOD!r}, got {quant_method!r}; "
                 "load that checkpoint with the quantization config of its own method"
             )
+        unknown = sorted(kwargs.pop(_FROM_CONFIG_JSON, None) or ())
         if kwargs:
+            # A keyword the caller typed: refuse it, or a typo would quantize with a default.
+            names = sorted(self._field_names())
+            close = {key: difflib.get_close_matches(key, names, n=1) for key in kwargs}
+            hints = "; ".join(f"{key!r}: did you mean {match[0]!r}?" for key, match in close.items() if match)
+            raise TypeError(
+                f"MXFP4Config got unknown argument(s) {sorted(kwargs)}" + (f" ({hints})" if hints else "")
+                + f"; the arguments are {names}"
+            )
+        if unknown:
             # A newer qwantize_hf may write fields this version does not know. They
             # cannot change the bytes (format_version guards that), so they are dropped.
-            logger.warning("MXFP4Config: ignoring unknown fields %s (written by a newer qwantize_hf?)", sorted(kwargs))
+            logger.warning("MXFP4Config: ignoring unknown fields %s of config.json (written by a newer qwantize_hf?)",
+                           unknown)
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.block_size = block_size
@@ -92,7 +122,22 @@ class MXFP4Config(QuantizationConfigMixin):
         self.base_model = base_model
         # Our own dict: defaults are filled in and the quantizer swaps a request for a record.
         self.calibration = dict(calibration) if isinstance(calibration, dict) else calibration
+        self.algorithm = algorithm
+        self.gptq = dict(gptq) if isinstance(gptq, dict) else gptq
         self.post_init()
+
+    @classmethod
+    def _field_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs")]
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Read config.json's ``quantization_config``: fields this version does not know are dropped
+        with a warning (a newer qwantize_hf wrote them), unlike unknown keyword arguments."""
+        known = set(cls._field_names())
+        fields = {key: value for key, value in config_dict.items() if key in known}
+        fields[_FROM_CONFIG_JSON] = [key for key in config_dict if key not in known]
+        return super().from_dict(fields, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def post_init(self) -> None:
         """Raise ValueError/TypeError naming the bad field and the accepted values."""
@@ -105,10 +150,10 @@ class MXFP4Config(QuantizationConfigMixin):
             )
         if self.format_version < 1:
             raise ValueError(f"format_version must be >= 1, got {self.format_version}")
-        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+        if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
-        if self.scale_method not in SCALE_METHODS:
-            raise ValueError(f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
+        scale_method(self.scale_method)
+        needs_calibration = algorithm(self.algorithm).needs_calibration
         if self.modules_to_not_convert is not None and not all(
             isinstance(name, str) and name for name in self.modules_to_not_convert
         ):
@@ -124,6 +169,34 @@ class MXFP4Config(QuantizationConfigMixin):
             raise TypeError(f"calibration must be a dict or None, got {type(self.calibration).__name__}")
         if self.calibration is not None:
             self._check_calibration()
+        elif needs_calibration:
+            raise ValueError(
+                f"algorithm={self.algorithm!r} needs calibration text: pass "
+                "calibration={'dataset': texts, 'tokenizer': tokenizer} (see MXFP4Config's docstring)"
+            )
+        self._check_gptq()
+
+    def _check_gptq(self) -> None:
+        if self.gptq is None:
+            if self.algorithm == "gptq":
+                self.gptq = dict(GPTQ_DEFAULTS)
+            return
+        if not isinstance(self.gptq, dict):
+            raise TypeError(f"gptq must be a dict of GPTQ settings or None, got {type(self.gptq).__name__}")
+        if self.algorithm != "gptq":
+            raise ValueError(f"gptq={self.gptq!r} sets GPTQ's options, but algorithm is {self.algorithm!r}; "
+                             "pass algorithm='gptq' or drop gptq")
+        unknown = sorted(set(self.gptq) - set(GPTQ_DEFAULTS))
+        if unknown:
+            raise ValueError(f"gptq has unknown key(s) {unknown}; the keys are {list(GPTQ_DEFAULTS)}")
+        for key, default in GPTQ_DEFAULTS.items():
+            self.gptq.setdefault(key, default)
+        damping = self.gptq["damping"]
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < 1:
+            raise ValueError(f"gptq['damping'] must be a number in (0, 1), e.g. 0.01, got {damping!r}")
+        for key in ("act_order", "true_sequential"):
+            if not isinstance(self.gptq[key], bool):
+                raise TypeError(f"gptq[{key!r}] must be True or False, got {self.gptq[key]!r}")
 
     def _check_calibration(self) -> None:
         calibration = self.calibration
@@ -131,10 +204,11 @@ class MXFP4Config(QuantizationConfigMixin):
         unknown = sorted(set(calibration) - {*CALIBRATION_KEYS, CALIBRATED})
         if unknown and not calibration.get(CALIBRATED):
             raise ValueError(f"calibration has unknown key(s) {unknown}; the keys are {list(CALIBRATION_KEYS)}")
-        if self.scale_method != "mse":
+        if self.algorithm == "rtn" and not scale_method(self.scale_method).takes_weights:
             raise ValueError(
                 f"calibration weights the least-squares scale search, which scale_method={self.scale_method!r} "
-                "does not do; use MXFP4Config(scale_method='mse', calibration=...) or drop calibration"
+                "does not do; use MXFP4Config(scale_method='mse', calibration=...), algorithm='gptq', "
+                "or drop calibration"
             )
         for key, default in CALIBRATION_DEFAULTS.items():
             value = calibration.setdefault(key, default)
@@ -214,29 +288,6 @@ class MXFP4Config(QuantizationConfigMixin):
         memo[id(self)] = clone
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
-
-
-def _short_name(name: str) -> str:
-    """A Hub id as it is; a local path by its last component (config.json must not leak local folders)."""
-    name = str(name)
-    return Path(name).name if os.path.isabs(name) or os.path.exists(name) or name.startswith(".") else name
-
-
-def tokenizer_name(tokenizer: Any) -> str:
-    """What config.json says about a tokenizer: its Hub id (or folder name), else its class."""
-    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
-    return _short_name(name) if name else type(tokenizer).__name__
-
-
-def dataset_name(dataset: str | list[str] | tuple[str, ...]) -> str:
-    """A description of a calibration dataset that holds none of its text."""
-    if isinstance(dataset, (list, tuple)):
-        return f"{len(dataset)} text(s) given in memory"
-    if os.path.isfile(dataset):
-        return f"local text file {Path(dataset).name}"
-    if os.path.exists(dataset):
-        return f"local dataset folder {Path(dataset).name}"
-    return dataset
 
 
 def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:

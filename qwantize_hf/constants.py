@@ -37,8 +37,6 @@ BF16_SHIFT = 16  # bfloat16 is the top 16 bits of a float32
 
 BLOCK_SIZES = (32, 16)
 DEFAULT_BLOCK_SIZE = 32
-SCALE_METHODS = ("naive", "even", "mse")
-DEFAULT_SCALE_METHOD = "mse"
 
 # Weights for the weighted mse search are rescaled by a power of two so their
 # largest is in [1, 2); relative weights below this are treated as zero, which

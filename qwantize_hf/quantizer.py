@@ -16,6 +16,10 @@ Two ways to quantize a float checkpoint:
   its input features' mean square activations as weights, then swapped. The
   bf16 model is held while calibrating. A saved calibrated model is an ordinary
   MXFP4 checkpoint whose config records the calibration; it is never rerun.
+* GPTQ (``algorithm="gptq"``, with calibration): loaded the same way, then quantized
+  decoder layer by decoder layer (``sequential.py``), each on the outputs of the layers
+  before it, already quantized; a model loaded on the CPU has one layer at a time on
+  the GPU.
 """
 
 from __future__ import annotations
@@ -29,14 +33,11 @@ from transformers.quantizers import auto as transformers_auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from qwantize_hf import calibration, card, replace
+from qwantize_hf import calibration, card, replace, sequential
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 
 logger = logging.getLogger(__name__)
-
-OFFLOAD_DEVICES = ("cpu", "disk")
-
 
 class MXFP4HfQuantizer(HfQuantizer):
     """Quantizes eligible ``nn.Linear`` weights to MXFP4 as they load; loads stored MXFP4 bytes as they are."""
@@ -84,6 +85,13 @@ class MXFP4HfQuantizer(HfQuantizer):
             raise ValueError(
                 "device_map places some modules on 'meta', which loads no weights; quantizing needs them. "
                 "Use 'cpu', a GPU or 'disk' (disk only for an already quantized MXFP4 checkpoint)"
+            )
+        if self.calibrates and config.algorithm == "gptq" and (len(devices) > 1 or "disk" in devices):
+            raise ValueError(
+                "MXFP4Config(algorithm='gptq') moves one decoder layer at a time to the GPU, so the model "
+                f"must load whole on one device, but device_map spreads it over {sorted(map(str, devices))}. "
+                "Load it on the CPU (no device_map, or device_map='cpu'): GPTQ then holds only one layer "
+                "on the GPU at a time; or on one GPU (device_map='cuda')"
             )
         if config.dequantize and (len(devices) > 1 or "disk" in devices):
             raise ValueError(
@@ -162,12 +170,28 @@ class MXFP4HfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         names = calibration.eligible_linear_names(model, config.block_size, config.modules_to_not_convert)
-        stats, record = calibration.calibrate(model, config.calibration, names, progress=is_progress_bar_enabled())
-        replace.quantize_linears_with_weights(model, stats, block_size=config.block_size)
+        sequences, record = calibration.calibration_inputs(config.calibration)
+        if config.algorithm == "gptq":
+            quantized = sequential.gptq_sequential(
+                model,
+                sequences,
+                names,
+                block_size=config.block_size,
+                scale_method=config.scale_method,
+                damping=config.gptq["damping"],
+                act_order=config.gptq["act_order"],
+                true_sequential=config.gptq["true_sequential"],
+                progress=logger.info,
+            )
+            for name, (packed, scales) in quantized.items():
+                replace.swap_in_mxfp4(model, name, packed, scales, block_size=config.block_size)
+        else:
+            stats = calibration.collect_activation_stats(model, sequences, names, progress=is_progress_bar_enabled())
+            replace.quantize_linears_with_weights(model, stats, block_size=config.block_size)
         # From here on the config describes the calibration; it no longer holds the tokenizer or texts.
         config.calibration = record
         tokens, dataset = record["calibration_tokens"], record["dataset"]
-        logger.info("calibrated %d Linear layers on %d tokens of %s", len(names), tokens, dataset)
+        logger.info("%s: calibrated %d Linear layers on %d tokens of %s", config.algorithm, len(names), tokens, dataset)
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         replace.dequantize_linears(model, dtype)

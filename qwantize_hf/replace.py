@@ -33,6 +33,7 @@ from transformers.core_model_loading import ConversionOps
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
 from qwantize_hf.ops import quantize_mxfp4
+from qwantize_hf.targets import mxfp4_kind, weight_kind
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +108,16 @@ def linears_to_convert(
 ) -> tuple[list[str], list[str]]:
     """(Linears that become MXFP4Linear, Linears left alone because ``in_features % block_size``).
 
-    Only modules whose type is exactly ``nn.Linear`` are eligible: a subclass may
-    carry a forward of its own that an MXFP4Linear would silently drop. Modules in
-    ``modules_to_not_convert`` are in neither list.
+    Which modules are eligible is ``targets.weight_kind``'s answer (exactly ``nn.Linear``
+    today). Modules in ``modules_to_not_convert`` are in neither list.
     """
     skip = list(modules_to_not_convert)
     convert, not_divisible = [], []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module_matches(name, skip):
+        kind = weight_kind(module)
+        if kind is None or module_matches(name, skip):
             continue
-        (not_divisible if module.in_features % block_size else convert).append(name)
+        (not_divisible if kind.reduction_size(module) % block_size else convert).append(name)
     return convert, not_divisible
 
 
@@ -185,15 +186,10 @@ def quantize_linears_with_weights(
 
     Each weight is quantized where it executes (an offloaded one on its accelerate
     hook's execution device) and its bf16 tensor is dropped as soon as its bytes
-    exist, so the peak is the unquantized model plus one layer's bytes. An
-    accelerate hook on the Linear moves to its replacement; an offloaded layer's
-    bytes go back into the hook's weights_map.
+    exist, so the peak is the unquantized model plus one layer's bytes.
     """
     for name, per_feature in weights_by_name.items():
-        linear = model.get_submodule(name)
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"{name} is a {type(linear).__name__}, not the nn.Linear that calibration expects")
-        hook = getattr(linear, "_hf_hook", None)
+        linear = _calibrated_linear(model, name)
         offload = _offload_hook(linear)
         if offload is not None:
             weight = offload.weights_map["weight"].to(offload.execution_device)
@@ -202,22 +198,43 @@ def quantize_linears_with_weights(
         packed, scales = quantize_mxfp4(
             weight, block_size=block_size, scale_method="mse", weights=per_feature, name=name
         )
-        replacement = MXFP4Linear.like(linear, block_size=block_size, device="meta")
-        if offload is not None:
-            # The tensors stay meta placeholders; the hook fills them from its weights_map at forward time.
-            _store_offloaded(offload.weights_map, "weight", packed.cpu())
-            _store_offloaded(offload.weights_map, "weight_scale", scales.cpu())
-        else:
-            replacement.weight = nn.Parameter(packed, requires_grad=False)
-            replacement.weight_scale = nn.Parameter(scales, requires_grad=False)
-            if linear.bias is not None:
-                replacement.bias = linear.bias
         del weight
-        if hook is not None:
-            from accelerate.hooks import add_hook_to_module
+        swap_in_mxfp4(model, name, packed, scales, block_size=block_size)
 
-            add_hook_to_module(replacement, hook)
-        _set_submodule(model, name, replacement)
+
+def _calibrated_linear(model: nn.Module, name: str) -> nn.Linear:
+    linear = model.get_submodule(name)
+    if weight_kind(linear) is None:
+        raise TypeError(f"{name} is a {type(linear).__name__}, not the nn.Linear that calibration expects")
+    return linear
+
+
+def swap_in_mxfp4(model: nn.Module, name: str, packed: torch.Tensor, scales: torch.Tensor, *, block_size: int) -> None:
+    """Replace the ``nn.Linear`` called ``name`` by an MXFP4Linear holding ``packed`` and ``scales``.
+
+    The bytes go where the Linear's weight is (an offloaded Linear's into its accelerate
+    hook's weights_map, in CPU memory); an accelerate hook on the Linear moves to its
+    replacement; the bias is kept.
+    """
+    linear = _calibrated_linear(model, name)
+    hook = getattr(linear, "_hf_hook", None)
+    offload = _offload_hook(linear)
+    replacement = MXFP4Linear.like(linear, block_size=block_size, device="meta")
+    if offload is not None:
+        # The tensors stay meta placeholders; the hook fills them from its weights_map at forward time.
+        _store_offloaded(offload.weights_map, "weight", packed.cpu())
+        _store_offloaded(offload.weights_map, "weight_scale", scales.cpu())
+    else:
+        device = linear.weight.device
+        replacement.weight = nn.Parameter(packed.to(device), requires_grad=False)
+        replacement.weight_scale = nn.Parameter(scales.to(device), requires_grad=False)
+        if linear.bias is not None:
+            replacement.bias = linear.bias
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(replacement, hook)
+    _set_submodule(model, name, replacement)
 
 
 def check_all_quantized(model: nn.Module) -> None:
@@ -256,8 +273,8 @@ def check_stored_tensors_loaded(model: nn.Module) -> None:
     missing = [
         f"{name}.{tensor_name}"
         for name, module in model.named_modules()
-        if isinstance(module, MXFP4Linear)
-        for tensor_name in ("weight", "weight_scale")
+        if mxfp4_kind(module) is not None
+        for tensor_name in mxfp4_kind(module).stored_tensors
         if not _stored_tensor_present(module, tensor_name)
     ]
     if missing:

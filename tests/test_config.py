@@ -32,6 +32,8 @@ def test_to_dict_is_the_config_json_entry():
         "modules_to_not_convert": ["lm_head", "gate"],
         "base_model": None,
         "calibration": None,
+        "algorithm": "rtn",
+        "gptq": None,
     }
     assert "dequantize" not in config.to_dict()  # a load-time request, not a property of the bytes
 
@@ -48,11 +50,14 @@ def test_round_trip_through_model_config_json(tmp_path):
     assert MXFP4Config.from_dict(json.loads(config.to_json_string())).to_dict() == config.to_dict()
 
 
-def test_quant_method_and_unknown_keys_are_accepted(caplog):
+def test_quant_method_and_unknown_config_json_keys_are_accepted(caplog):
+    # Unknown keys are tolerated only where a newer version may have written them: config.json.
     with caplog.at_level(logging.WARNING, logger="qwantize_hf"):
-        config = MXFP4Config(quant_method="qwantize_mxfp4", block_size=32, future_knob=3)
+        config = MXFP4Config.from_dict({"quant_method": "qwantize_mxfp4", "block_size": 32, "future_knob": 3})
     assert config.block_size == 32 and not hasattr(config, "future_knob")
     assert "future_knob" in caplog.text
+    with pytest.raises(TypeError, match="future_knob"):
+        MXFP4Config(quant_method="qwantize_mxfp4", block_size=32, future_knob=3)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +65,8 @@ def test_quant_method_and_unknown_keys_are_accepted(caplog):
     [
         ({"block_size": 64}, ValueError, r"block_size must be one of \(32, 16\), got 64"),
         ({"block_size": True}, ValueError, "block_size must be one of"),
-        ({"scale_method": "max"}, ValueError, r"scale_method must be one of \('naive', 'even', 'mse'\), got 'max'"),
+        ({"scale_method": "max"}, ValueError, r"scale_method must be one of \['naive', 'even', 'mse'\], got 'max'"),
+        ({"scale_method": "mes"}, ValueError, r"got 'mes' \(did you mean 'mse'\?\)"),
         ({"quant_method": "mxfp4"}, ValueError, "MXFP4Config is for quant_method 'qwantize_mxfp4', got 'mxfp4'"),
         ({"format_version": FORMAT_VERSION + 1}, ValueError, "upgrade qwantize_hf"),
         ({"format_version": 0}, ValueError, "format_version must be >= 1"),
@@ -79,3 +85,22 @@ def test_bad_values_are_refused(kwargs, error, message):
 
 def test_loading_attributes_are_only_dequantize():
     assert MXFP4Config(dequantize=True).get_loading_attributes() == {"dequantize": True}
+
+
+def test_a_typo_in_a_keyword_is_an_error_with_the_close_match():
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['scale_methd'\].*did you mean 'scale_method'"):
+        MXFP4Config(scale_methd="naive")
+
+
+@pytest.mark.parametrize("block_size", [32.0, True, "32"])
+def test_block_size_must_be_an_int(block_size):
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        MXFP4Config(block_size=block_size)
+
+
+def test_fields_of_a_newer_config_json_are_dropped_with_a_warning(caplog):
+    stored = {**MXFP4Config(scale_method="naive").to_dict(), "written_by_a_newer_version": 1}
+    with caplog.at_level("WARNING", logger="qwantize_hf.config"):
+        config = MXFP4Config.from_dict(stored)
+    assert config.scale_method == "naive" and "written_by_a_newer_version" not in config.to_dict()
+    assert "written_by_a_newer_version" in caplog.text

@@ -1,0 +1,265 @@
+"""Layer-by-layer GPTQ over a causal LM: each decoder layer sees the outputs of the layers before it,
+already quantized, and only one layer is on the compute device at a time.
+
+The pipeline:
+
+1. The calibration sequences run through the model up to its first decoder layer
+   (embeddings, rotary tables, masks), and the first layer's inputs — hidden states
+   and the keyword arguments the model passes every layer — are kept.
+2. For each decoder layer in turn: it moves to the compute device; its eligible
+   Linears are taken in groups, in the order its forward first calls them, a group
+   being the Linears that read the same input tensor (q/k/v, then o, gate/up, down in
+   a Llama layer). For each group the layer runs on every calibration input, forward
+   pre-hooks add ``X^T X`` of each Linear's input to its Hessian, and ``gptq_quantize``
+   turns each weight into MXFP4; the Linear then holds the dequantized weight, so the
+   next group's inputs already carry this group's error. The fully quantized layer
+   then runs once more, and its outputs are the next layer's inputs.
+3. The layer goes back where it was (the CPU, for a model loaded there).
+
+Peak memory on the compute device: one decoder layer in its float dtype, its Hessians
+(float32, ``in_features^2`` each for the group at hand), and the calibration hidden
+states (two copies, inputs and outputs: ``sequences x seq_len x hidden`` in the
+model's dtype). Linears outside the decoder layers (``lm_head``) are not quantized
+here. The result is a dict ``name -> (packed, scales)``; swapping modules is
+``replace.py``'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwantize_hf.gptq import DEFAULT_DAMPING, gptq_quantize
+from qwantize_hf.methods import DEFAULT_SCALE_METHOD
+from qwantize_hf.ops import dequantize_mxfp4
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the first decoder layer once its inputs are captured."""
+
+
+def decoder_layers(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the model's decoder layers: the ModuleList holding the most of ``module_names``."""
+    names = list(module_names)
+    best, best_count = None, 0
+    for list_name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        prefix = f"{list_name}." if list_name else ""
+        count = sum(1 for name in names if name.startswith(prefix))
+        if count > best_count:
+            best, best_count = (list_name, module), count
+    if best is None:
+        raise ValueError(
+            "found no list of decoder layers holding the Linears to quantize; the layer-by-layer GPTQ "
+            "pipeline needs a model whose blocks sit in an nn.ModuleList (as every transformers LM does)"
+        )
+    return best
+
+
+def capture_first_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, sequences: Sequence[torch.Tensor], input_device: torch.device
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Each sequence's (hidden states, keyword arguments) as the model hands them to its first layer."""
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in sequences:
+                try:
+                    model(input_ids=ids.to(input_device)[None], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != len(sequences):
+        raise RuntimeError("the model never called its first decoder layer on the calibration input")
+    return captured
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]], device: torch.device):
+    """The layer's output hidden states for every input (kept on ``device``)."""
+    outputs = []
+    with torch.inference_mode():
+        for hidden, kwargs in inputs:
+            out = layer(hidden.to(device), **_to(kwargs, device))
+            outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+    return outputs
+
+
+def linear_groups(
+    layer: nn.Module, names: dict[str, str], inputs: list[tuple[torch.Tensor, dict[str, Any]]], device: torch.device
+) -> list[list[str]]:
+    """The layer's Linears (``names``: name inside the layer -> name in the model) in groups: those that
+    read the same input tensor, in the order the layer's forward first calls them (one run of one input)."""
+    order: list[tuple[str, int]] = []
+    handles = []
+
+    def watch(local_name: str):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if all(local_name != seen for seen, _ in order):
+                order.append((local_name, id(args[0])))
+
+        return record
+
+    for local_name in names:
+        handles.append(layer.get_submodule(local_name).register_forward_pre_hook(watch(local_name)))
+    try:
+        _run_layer(layer, inputs[:1], device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unseen = [names[n] for n in names if all(n != seen for seen, _ in order)]
+    if unseen:
+        raise RuntimeError(
+            f"{len(unseen)} Linear module(s) saw no input during calibration, first {unseen[0]!r}: they are "
+            "not on the model's forward path, so they cannot be calibrated; add them to "
+            "MXFP4Config(modules_to_not_convert=[...]) to keep them unquantized"
+        )
+    groups: list[list[str]] = []
+    last_input = None
+    for local_name, input_id in order:
+        if groups and input_id == last_input:
+            groups[-1].append(local_name)
+        else:
+            groups.append([local_name])
+        last_input = input_id
+    return groups
+
+
+def _hessians(
+    layer: nn.Module, group: list[str], inputs: list[tuple[torch.Tensor, dict[str, Any]]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Mean ``x^T x`` (float32) of each Linear's inputs in ``group`` over every calibration token."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(group, 0)
+
+    last: list[Any] = [None, None]  # the input tensor seen last and its x^T x: q/k/v share theirs
+
+    def accumulate(local_name: str):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            if last[0] is x:
+                product = last[1]
+            else:
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                product = flat.T @ flat
+                last[0], last[1] = x, product
+            sums[local_name] = product if local_name not in sums else sums[local_name] + product
+            counts[local_name] += x.numel() // x.shape[-1]
+
+        return record
+
+    handles = [layer.get_submodule(name).register_forward_pre_hook(accumulate(name)) for name in group]
+    try:
+        _run_layer(layer, inputs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in group}
+
+
+@torch.no_grad()
+def gptq_sequential(
+    model: nn.Module,
+    sequences: Sequence[torch.Tensor],
+    module_names: Iterable[str],
+    *,
+    block_size: int,
+    scale_method: str = DEFAULT_SCALE_METHOD,
+    damping: float = DEFAULT_DAMPING,
+    act_order: bool = True,
+    true_sequential: bool = False,
+    device: torch.device | None = None,
+    input_device: torch.device | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ every named Linear, decoder layer by decoder layer, on quantized inputs.
+
+    Returns ``name -> (packed, scales)`` on the CPU. ``device``: where each layer is
+    processed (default: CUDA when available, else the CPU); ``input_device``: where
+    the token ids go (default: the input embedding's device). ``true_sequential``: each
+    group of a layer is calibrated on inputs that carry the error of the groups quantized
+    before it (one pass of the layer per group); False calibrates every Linear of a layer
+    on one pass with the layer unquantized (faster, usually a little less accurate). The named Linears'
+    weights are left holding their dequantized MXFP4 values (the caller swaps them for
+    MXFP4 modules); nothing else in the model changes.
+    """
+    names = list(module_names)
+    if not names:
+        raise ValueError("no modules to quantize: the model has no eligible nn.Linear")
+    if not sequences:
+        raise ValueError("GPTQ needs at least one calibration sequence")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layers_name, layers = decoder_layers(model, names)
+    prefix = f"{layers_name}." if layers_name else ""
+    outside = [name for name in names if not name.startswith(prefix)]
+    if outside:
+        raise ValueError(
+            f"{len(outside)} Linear(s) to quantize sit outside the decoder layers ({layers_name}), first "
+            f"{outside[0]!r}; GPTQ quantizes only decoder-layer Linears: add them to modules_to_not_convert"
+        )
+    if input_device is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        input_device = torch.device("cpu") if weight is None or weight.device.type == "meta" else weight.device
+    inputs = capture_first_layer_inputs(model, layers[0], sequences, input_device)
+    inputs = [(hidden.to(device), _to(kwargs, device)) for hidden, kwargs in inputs]
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    start = time.perf_counter()
+    for index, layer in enumerate(layers):
+        layer_prefix = f"{prefix}{index}."
+        local = {name[len(layer_prefix) :]: name for name in names if name.startswith(layer_prefix)}
+        if not local:
+            inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs, device), inputs)]
+            continue
+        home = next(layer.parameters()).device
+        layer.to(device)
+        groups = linear_groups(layer, local, inputs, device)
+        for position, group in enumerate(groups):
+            if true_sequential or position == 0:
+                # every later group's inputs are recomputed with the groups before it quantized
+                todo = group if true_sequential else [name for g in groups for name in g]
+                hessians = _hessians(layer, todo, inputs, device)
+            for local_name in group:
+                linear = layer.get_submodule(local_name)
+                packed, scales = gptq_quantize(
+                    linear.weight, hessians.pop(local_name), block_size=block_size, scale_method=scale_method,
+                    damping=damping, act_order=act_order, name=local[local_name],
+                )  # fmt: skip
+                linear.weight.copy_(dequantize_mxfp4(packed, scales, block_size=block_size, dtype=linear.weight.dtype))
+                results[local[local_name]] = (packed.cpu(), scales.cpu())
+        inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs, device), inputs)]
+        layer.to(home)
+        if progress is not None:
+            progress(f"GPTQ layer {index + 1}/{len(layers)} ({time.perf_counter() - start:.0f} s)")
+    return results
+
+
+__all__ = ["capture_first_layer_inputs", "decoder_layers", "gptq_sequential", "linear_groups"]

@@ -1,0 +1,173 @@
+"""GPTQ-style MXFP4 (qwantize_hf.gptq) and its layer-by-layer pipeline (qwantize_hf.sequential)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf.constants import E8M0_MAX_QUANTIZE
+from qwantize_hf.gptq import block_weights, gptq_quantize, inverse_hessian_factor
+from qwantize_hf.sequential import gptq_sequential, linear_groups
+from tests.mx_values import adversarial, block_sse_f64
+
+
+def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=gen) / k**0.5
+    scales = 2.0 ** torch.randint(-3, 3, (k,), generator=gen).float()
+    return (torch.randn(n, k, generator=gen) @ mixing + 0.3 * torch.randn(n, k, generator=gen)) * scales
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> float:
+    q = dequantize_mxfp4(packed, scales, dtype=torch.float32)
+    return float((x.double() @ (w.double() - q.double()).T).square().sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_hessian_gives_plain_mse_bytes(dtype):
+    # Nothing is fed back and every column weighs the same: exactly quantize_mxfp4(scale_method="mse").
+    w = adversarial(16, 128, 32, dtype, seed=1)
+    w = torch.where(torch.isfinite(w), w, 0.0).to(dtype)
+    expected = quantize_mxfp4(w, scale_method="mse", backend="torch")
+    got = gptq_quantize(w, torch.eye(128))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_hessian_weighted_scale_is_minimal_over_all_bytes():
+    # The first block sees no feedback: its bytes must minimise sum_j (x_j - q_j)^2 / U_jj^2 over
+    # every finite byte the quantizer may emit, not only e0-1..e0+1 (float64 brute force).
+    # float16's range: feedback of errors near float32's largest value would overflow
+    w = adversarial(24, 64, 32, torch.float16, seed=2).float()
+    x = correlated_inputs(256, 64, seed=3)
+    hessian = x.T @ x
+    packed, scales = gptq_quantize(w, hessian)
+    column_weights = block_weights(torch.diagonal(inverse_hessian_factor(hessian, 0.01, "w"))[:32])
+    assert column_weights is not None and float(column_weights.max() / column_weights.min()) > 2
+    for row in range(w.shape[0]):
+        block = w[row, :32].double()
+        chosen = block_sse_f64(block, int(scales[row, 0]), column_weights.double())
+        best = min(block_sse_f64(block, e, column_weights.double()) for e in range(E8M0_MAX_QUANTIZE + 1))
+        assert chosen <= best * (1 + 1e-6) + 1e-300, (row, int(scales[row, 0]))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_the_layer_output(act_order):
+    w = torch.randn(48, 192, generator=torch.Generator().manual_seed(4))
+    x = correlated_inputs(1024, 192, seed=5)
+    packed, scales = gptq_quantize(w, x.T @ x, act_order=act_order)
+    rtn = quantize_mxfp4(w, scale_method="mse")
+    assert output_error(x, w, packed, scales) < 0.85 * output_error(x, w, *rtn)
+    # an ordinary MXFP4 tensor: codes sit on the grid of the stored scales
+    assert packed.shape == (48, 96) and scales.shape == (48, 6)
+    assert torch.isfinite(dequantize_mxfp4(packed, scales, dtype=torch.float32)).all()
+
+
+def test_dead_input_features_are_rounded_alone():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    x = correlated_inputs(256, 64, seed=7)
+    x[:, 40:] = 0  # features 40..63 never see an input
+    packed, scales = gptq_quantize(w, x.T @ x)
+    q = dequantize_mxfp4(packed, scales, dtype=torch.float32)
+    # the dead columns of the second block are still quantized (finite, on the grid), not dropped
+    assert torch.isfinite(q).all() and q[:, 40:].abs().sum() > 0
+
+
+def test_bad_hessians():
+    w = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="shape"):
+        gptq_quantize(w, torch.eye(16))
+    # no input ever reached the layer: every feature is dead, so each column is rounded alone (plain mse)
+    expected = quantize_mxfp4(w, scale_method="mse")
+    got = gptq_quantize(w, torch.zeros(32, 32))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(w, torch.full((32, 32), float("nan")))
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+class Block(nn.Module):
+    """A decoder-like layer: two projections read the same input, a third reads their product."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(width, 2 * width, bias=False)
+        self.up = nn.Linear(width, 2 * width, bias=False)
+        self.down = nn.Linear(2 * width, width, bias=False)
+
+    def forward(self, hidden, scale=None):
+        return hidden + self.down(torch.tanh(self.gate(hidden)) * self.up(hidden)) * scale
+
+
+class TinyLM(nn.Module):
+    def __init__(self, width: int = 32, layers: int = 3, vocab: int = 50) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, scale=0.5)
+        return hidden
+
+
+def tiny_lm(seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM()
+
+
+def sequences(count: int = 4, length: int = 16) -> list[torch.Tensor]:
+    return list(torch.randint(0, 50, (count, length), generator=torch.Generator().manual_seed(9)))
+
+
+def test_groups_follow_the_forward_and_shared_inputs():
+    model = tiny_lm()
+    hidden = model.embed(sequences()[0][None]).detach()
+    groups = linear_groups(model.layers[0], {"gate": "g", "up": "u", "down": "d"}, [(hidden, {"scale": 0.5})], "cpu")
+    assert groups == [["gate", "up"], ["down"]]
+
+
+def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before():
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
+    model = tiny_lm()
+    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
+    assert sorted(results) == sorted(names)
+    # Replay: the Hessian of layer 2's inputs must come from layers 0-1 holding their MXFP4 weights.
+    # Quantizing layer 2 alone on a copy whose earlier layers are quantized the same way gives the same
+    # bytes; on a copy whose earlier layers stayed bf16 (float) it gives other bytes.
+    for earlier_quantized in (True, False):
+        replay = tiny_lm()
+        if earlier_quantized:
+            for name in names[:6]:
+                replay.get_submodule(name).weight.data = dequantize_mxfp4(*results[name], dtype=torch.float32)
+        again = gptq_sequential(replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"))
+        same = all(torch.equal(again[n][0], results[n][0]) and torch.equal(again[n][1], results[n][1])
+                   for n in names[6:])
+        assert same == earlier_quantized
+
+
+def test_pipeline_leaves_dequantized_weights_and_refuses_linears_outside_the_layers():
+    model = tiny_lm()
+    names = ["layers.0.gate", "layers.0.up", "layers.0.down"]
+    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
+    for name in names:
+        assert torch.equal(model.get_submodule(name).weight, dequantize_mxfp4(*results[name], dtype=torch.float32))
+    with pytest.raises(ValueError, match="no modules"):
+        gptq_sequential(tiny_lm(), sequences(), [], block_size=32)
+    with pytest.raises(ValueError, match="at least one calibration sequence"):
+        gptq_sequential(tiny_lm(), [], names, block_size=32)
+
+
+def test_a_linear_off_the_forward_path_is_a_clear_error():
+    model = tiny_lm()
+    model.layers[1].unused = nn.Linear(32, 32, bias=False)
+    names = ["layers.0.gate", "layers.1.unused"]
+    with pytest.raises(RuntimeError, match="saw no input during calibration.*layers.1.unused"):
+        gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
