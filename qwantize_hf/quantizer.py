@@ -158,6 +158,7 @@ class MXFP4HfQuantizer(HfQuantizer):
         replace.check_all_quantized(model)
         if self.pre_quantized:
             replace.check_stored_tensors_loaded(model)
+            replace.check_stored_scales(model)
         if self.pre_quantized and self.quantization_config.dequantize:
             # the dtype the rest of the model was loaded in, as transformers' own dequantize uses
             count = replace.dequantize_linears(model, model.config.dtype)

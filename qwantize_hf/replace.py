@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 
-from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.constants import E8M0_NAN, F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
 from qwantize_hf.ops import quantize_mxfp4
 from qwantize_hf.targets import mxfp4_kind, weight_kind
@@ -283,6 +283,31 @@ def check_stored_tensors_loaded(model: nn.Module) -> None:
             f"{missing[0]!r}: the packed codes and scales must both be saved. Re-save the model with "
             "save_pretrained, or re-quantize it from the original weights"
         )
+
+
+def check_stored_scales(model: nn.Module) -> None:
+    """Raise when a stored scale byte is 255 (NaN in UE8M0), naming the tensor and its first bad block.
+
+    Quantization never writes 255 (a NaN or Inf weight is refused instead), so in a checkpoint it
+    means the file is corrupt; loaded as it is, the layer would compute NaN or wrong numbers. One
+    pass over the scale bytes, 1/16 of the packed codes. Layers offloaded by accelerate (scales on
+    the meta device until a forward brings them in) are not checked.
+    """
+    for name, module in model.named_modules():
+        kind = mxfp4_kind(module)
+        if kind is None:
+            continue
+        scales_name = kind.stored_tensors[-1]
+        scales = getattr(module, scales_name)
+        if scales.device.type == "meta":
+            continue
+        bad = scales == E8M0_NAN
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(
+                f"{name}.{scales_name} holds {int(bad.sum())} scale byte(s) 255, which no quantizer writes (NaN "
+                f"in UE8M0), first at block {first}: the checkpoint is corrupt. Re-download or re-save it"
+            )
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -391,3 +391,22 @@ def test_cli_both_directions_and_refusal(ours_dir, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert cli_main(["from-compressed-tensors", str(nvfp4), str(tmp_path / "x")]) == 1
     assert "NVFP4" in caplog.text
+
+
+@pytest.mark.parametrize("hostile", ["../elsewhere/model-00001-of-00003.safetensors", "/abs/model.safetensors", ".."])
+def test_shard_names_that_leave_the_folder_are_refused_both_ways(tmp_path, hostile):
+    model = tiny_llama(tie=False)
+    ours = write_our_checkpoint(model, quantize_in_place(model), tmp_path / "ours", shards=3)
+    exported = to_compressed_tensors(ours, tmp_path / "ct")
+    for folder, convert in ((ours, to_compressed_tensors), (exported, from_compressed_tensors)):
+        index_path = folder / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text())
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        index["weight_map"][next(iter(index["weight_map"]))] = hostile
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="not a plain file name"):
+            convert(folder, tmp_path / "out")
+        # nothing outside (or inside) was written or changed
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != index_path} == {
+            p: b for p, b in before.items() if p != index_path
+        }

@@ -228,7 +228,19 @@ def _weight_files(src: Path) -> tuple[list[str], dict[str, Any] | None]:
     """The safetensors files of a checkpoint folder, and its index (None when unsharded)."""
     if (src / WEIGHTS_INDEX_NAME).is_file():
         index = _read_json(src / WEIGHTS_INDEX_NAME)
-        return sorted(set(index["weight_map"].values())), index
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{src / WEIGHTS_INDEX_NAME} has no 'weight_map' object; the checkpoint is corrupt")
+        for tensor, file in weight_map.items():
+            # Shard names are joined to the source and the output folder: a path, an absolute name or
+            # '..' would read or write outside them.
+            if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or "\\" in file:
+                raise ValueError(
+                    f"{src / WEIGHTS_INDEX_NAME} maps {tensor!r} to the file {file!r}, which is not a plain file "
+                    "name in the checkpoint folder; refusing to read or write outside it (the index is corrupt "
+                    "or hostile)"
+                )
+        return sorted(set(weight_map.values())), index
     if (src / WEIGHTS_NAME).is_file():
         return [WEIGHTS_NAME], None
     raise FileNotFoundError(
