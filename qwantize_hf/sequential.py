@@ -236,15 +236,13 @@ def gptq_sequential(
     for index, layer in enumerate(layers):
         layer_prefix = f"{prefix}{index}."
         local = {name[len(layer_prefix) :]: name for name in names if name.startswith(layer_prefix)}
-        if not local:
-            inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs, device), inputs)]
-            continue
         home = next(layer.parameters()).device
         layer.to(device)
-        groups = linear_groups(layer, local, inputs, device)
+        groups = linear_groups(layer, local, inputs, device) if local else []
         for position, group in enumerate(groups):
             if true_sequential or position == 0:
-                # every later group's inputs are recomputed with the groups before it quantized
+                # true_sequential: each group's inputs are recomputed with the groups before it quantized;
+                # else one pass gives every Linear of the layer its Hessian
                 todo = group if true_sequential else [name for g in groups for name in g]
                 hessians = _hessians(layer, todo, inputs, device)
             for local_name in group:
