@@ -211,7 +211,7 @@ class MXFP4HfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         # MXFP4Linear's product is a torch.library custom op with a fake implementation
-        # (qwantize_hf/matmul.py): torch.compile traces it and CUDA graphs capture it.
+        # (qwantize_hf/linear_op.py): torch.compile traces it and CUDA graphs capture it.
         return True
 
 

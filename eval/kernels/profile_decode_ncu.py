@@ -1,6 +1,6 @@
 """Launch decode-sized fused matmuls once each, for Nsight Compute (GPU only).
 
-Every launch here is a kernel of ``qwantize_hf.kernels.matmul`` with one forced config on
+Every launch here is a kernel of the ``qwantize_hf.kernels.matmul_*`` families with one forced config on
 a Llama-3-8B shape; run it under ``ncu`` to see what limits each (occupancy, stalls, L1
 traffic). The reading of the warp-MMA kernel at M = 16 in eval/results/profile_decode_ncu_h100.md came from:
 
