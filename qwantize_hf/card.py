@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any
 
+from qwantize_hf.config import QUANT_METHOD
 from qwantize_hf.constants import BITS_PER_WEIGHT
 from qwantize_hf.format import check_block_size
 from qwantize_hf.methods import scale_method as scale_method_row
@@ -31,6 +33,30 @@ DEFAULT_REPO_ID = "path/to/this/model"
 
 TAGS = ("mxfp4", "qwantize_hf", "4-bit", "quantized")
 EVAL_COLUMNS = ("Method", "Perplexity", "Δ vs bf16", "Gap to bf16 recovered", "Bits / weight")
+
+
+# Characters that make Markdown structure (emphasis, code, links, tables, HTML, headings, lists) and
+# the backslash that escapes them; a caller's string gets each one backslash-escaped.
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _text(value: object) -> str:
+    """A caller's string as inert Markdown text: one line, every structural character escaped."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def _code(value: object) -> str:
+    """A caller's string as an inline code span; escaped text when it holds a backtick or a line break."""
+    value = str(value)
+    return _text(value) if "`" in value or "\n" in value or "\r" in value else f"`{value}`"
+
+
+def _fence(value: str, language: str) -> list[str]:
+    """A fenced code block of ``value`` whose fence is longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", value)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + language, value, fence]
 
 
 def _yaml_string(value: str) -> str:
@@ -61,7 +87,7 @@ def _eval_section(eval_results: dict[str, Any]) -> str:
     for method in eval_results["methods"]:
         gap = method.get("gap_recovered")
         cells = [
-            str(method["method"]),
+            _text(method["method"]),
             _number(method.get("perplexity"), ".3f"),
             _number(method.get("delta_vs_bf16"), "+.3f"),
             "n/a" if gap is None else f"{gap:.1%}",
@@ -69,9 +95,9 @@ def _eval_section(eval_results: dict[str, Any]) -> str:
         ]
         rows.append("| " + " | ".join(cells) + " |")
     setup = (
-        f"Perplexity on {eval_results.get('text', 'n/a')}: {eval_results.get('tokens_scored', 'n/a')} tokens "
-        f"scored with a context of {eval_results.get('context_length', 'n/a')} tokens, measured on "
-        f"{eval_results.get('machine', 'n/a')}."
+        f"Perplexity on {_text(eval_results.get('text', 'n/a'))}: {_text(eval_results.get('tokens_scored', 'n/a'))} "
+        f"tokens scored with a context of {_text(eval_results.get('context_length', 'n/a'))} tokens, measured on "
+        f"{_text(eval_results.get('machine', 'n/a'))}."
     )
     parts = ["", "## Evaluation", "", setup, "", *rows, ""]
     parts.append(
@@ -79,9 +105,9 @@ def _eval_section(eval_results: dict[str, Any]) -> str:
         "that the method wins back."
     )
     if eval_results.get("model_note"):
-        parts += ["", str(eval_results["model_note"])]
+        parts += ["", _text(eval_results["model_note"])]
     if eval_results.get("command"):
-        parts += ["", "Reproduce with:", "", "```bash", str(eval_results["command"]), "```"]
+        parts += ["", "Reproduce with:", "", *_fence(str(eval_results["command"]), "bash")]
     return "\n".join(parts) + "\n"
 
 
@@ -108,29 +134,40 @@ def render_model_card(
     description = scale_method_row(scale_method).description
     if eval_results is not None and not isinstance(eval_results.get("methods"), list):
         raise ValueError("eval_results needs a 'methods' list of per-method results (see the eval scripts' JSON)")
+    quant_method = quantization_config.get("quant_method", QUANT_METHOD)
+    format_version = quantization_config.get("format_version", 1)
+    if quant_method != QUANT_METHOD or type(format_version) is not int:
+        raise ValueError(
+            f"quantization_config must be a {QUANT_METHOD!r} config with an int format_version, got "
+            f"quant_method {quant_method!r}, format_version {format_version!r}"
+        )
     skipped = quantization_config.get("modules_to_not_convert") or []
-    name = base_model.rsplit("/", 1)[-1] if base_model else "Model"
+    name = _text(base_model.rsplit("/", 1)[-1]) if base_model else "Model"
+    hub_link = bool(base_model) and _HUB_ID.match(base_model) is not None
     fields = {
         "front_matter": _front_matter(base_model, license),
         "title": f"{name} MXFP4 (block {block_size}, {scale_method} scales)",
         "base_model_sentence": (
             f"[`{base_model}`](https://huggingface.co/{base_model}) quantized to MXFP4."
+            if hub_link
+            else f"{_code(base_model)} quantized to MXFP4."
             if base_model
             else "A model quantized to MXFP4."
         ),
-        "base_model_note": f"\n{base_model_note}\n" if base_model_note else "",
-        "quant_method": quantization_config.get("quant_method", "qwantize_mxfp4"),
-        "format_version": quantization_config.get("format_version", 1),
+        "base_model_note": f"\n{_text(base_model_note)}\n" if base_model_note else "",
+        "quant_method": quant_method,
+        "format_version": format_version,
         "block_size": block_size,
         "scale_method": scale_method,
         "scale_method_description": description,
         "bits_per_weight": format(BITS_PER_WEIGHT[block_size], "g"),
-        "base_model_cell": f"`{base_model}`" if base_model else "not recorded",
-        "modules_to_not_convert": ", ".join(f"`{m}`" for m in skipped) if skipped else "none",
+        "base_model_cell": _code(base_model) if base_model else "not recorded",
+        "modules_to_not_convert": ", ".join(_code(m) for m in skipped) if skipped else "none",
         "calibration": "none (scales from the weights alone)"
         if not quantization_config.get("calibration")
-        else f"`{json.dumps(quantization_config['calibration'], sort_keys=True)}`",
-        "repo_id": repo_id or DEFAULT_REPO_ID,
+        else _code(json.dumps(quantization_config["calibration"], sort_keys=True)),
+        # a Python string literal: json.dumps escapes quotes, backslashes and line breaks
+        "repo_id": json.dumps(repo_id or DEFAULT_REPO_ID),
         "eval_section": _eval_section(eval_results) if eval_results is not None else "",
     }
     return TEMPLATE_PATH.read_text(encoding="utf-8").format_map(fields)

@@ -170,3 +170,40 @@ def test_dequantized_model_pushes_no_mxfp4_card(quantized_model, fake_hub):
     (files,) = fake_hub.commits
     assert "mxfp4" not in files["README.md"].decode()
     assert "quantization_config" not in json.loads(files["config.json"])
+
+
+def test_hostile_strings_stay_inert_in_the_card():
+    import ast
+    import re
+
+    hostile = "x) <script>alert(1)</script>\n# Pwned [link](https://evil) `code` | cell"
+    config = {
+        **QUANT_CONFIG,
+        "modules_to_not_convert": ["lm_head", "a`b\n# Heading"],
+        "calibration": {"dataset": "data`\n<img src=x onerror=alert(1)>", "calibrated": True},
+    }
+    eval_results = {
+        "methods": [{"method": "mse <b>bold</b> | x", "perplexity": 1.0}],
+        "text": hostile,
+        "machine": hostile,
+        "model_note": hostile,
+        "command": "python x.py\n```\n# Pwned",
+    }
+    card = render_model_card(
+        config, "evil/x) <script>", eval_results, base_model_note=hostile, repo_id='org/m", exec("import os")#\n'
+    )
+    body = card.split("---", 2)[2]
+    # outside code spans (where HTML is shown as text) no tag survives unescaped
+    prose = re.sub(r"`[^`\n]*`", "", body)
+    assert "<script>" not in prose.replace("\\<script\\>", "") and "<img" not in prose.replace("\\<img", "")
+    outside_fences = re.sub(r"(`{3,})[a-z]*\n.*?\n\1", "", body, flags=re.S)
+    assert not any(line.startswith(("# Pwned", "# Heading")) for line in outside_fences.splitlines())
+    assert "](https://evil)" not in body and "https://huggingface.co/evil" not in body
+    # the usage snippet is valid Python whose only string is the repo id, as given
+    snippet = re.search(r"```python\n(.*?)\n```", body, re.S).group(1)
+    tree = ast.parse(snippet)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "from_pretrained"]
+    assert calls[0].args[0].value == 'org/m", exec("import os")#\n'
+    # the command stays inside its fence
+    fence = re.search(r"Reproduce with:\n\n(`{3,})bash\n", body).group(1)
+    assert len(fence) > 3 and body.rstrip().endswith(fence)
