@@ -95,6 +95,11 @@ def check_weight(w: torch.Tensor, block_size: int, name: str = "w") -> None:
     """Raise a clear error for a tensor ``quantize_mxfp4`` cannot take."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device: it has a shape but no values (a model skeleton not yet loaded); "
+            "quantize a tensor that holds its weights"
+        )
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} has dtype {w.dtype}; MXFP4 quantization takes bfloat16, float16 or float32 "

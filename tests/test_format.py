@@ -290,3 +290,8 @@ def test_dequantize_bad_shapes():
         dequantize_mxfp4(packed, torch.zeros(4, 2, dtype=torch.uint8))
     with pytest.raises(TypeError, match="packed must be a torch.uint8"):
         dequantize_mxfp4(packed.float(), torch.zeros(4, 1, dtype=torch.uint8))
+
+
+def test_a_meta_tensor_is_a_clear_error():
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_mxfp4(torch.empty(4, 32, device="meta"))
