@@ -169,14 +169,6 @@ def calibration_inputs(calibration: dict[str, Any]) -> tuple[list[torch.Tensor],
     return sequences, record
 
 
-def calibrate(
-    model: nn.Module, calibration: dict[str, Any], module_names: Iterable[str], *, progress: bool = True
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Run a calibration request through ``model``: (statistics by module name, the record for config.json)."""
-    sequences, record = calibration_inputs(calibration)
-    return collect_activation_stats(model, sequences, module_names, progress=progress), record
-
-
 # --------------------------------------------------------------------------- statistics
 
 
@@ -261,7 +253,6 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 __all__ = [
-    "calibrate",
     "calibration_inputs",
     "calibration_sequences",
     "calibration_text",

@@ -185,7 +185,7 @@ def test_reload_is_bit_identical_without_recalibrating(calibrated_llama, monkeyp
     def refuse(*args, **kwargs):
         raise AssertionError("a calibrated checkpoint must load without calibrating or quantizing again")
 
-    monkeypatch.setattr("qwantize_hf.calibration.calibrate", refuse)
+    monkeypatch.setattr("qwantize_hf.calibration.calibration_inputs", refuse)
     monkeypatch.setattr("qwantize_hf.calibration.collect_activation_stats", refuse)
     monkeypatch.setattr("qwantize_hf.replace.quantize_mxfp4", refuse)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
