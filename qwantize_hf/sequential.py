@@ -156,23 +156,29 @@ def linear_groups(
 def _hessians(
     layer: nn.Module, group: list[str], inputs: list[tuple[torch.Tensor, dict[str, Any]]], device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Mean ``x^T x`` (float32) of each Linear's inputs in ``group`` over every calibration token."""
+    """Mean ``x^T x`` (float32) of each Linear's inputs in ``group`` over every calibration token.
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one Hessian: it is summed
+    once, by the first of them the forward calls, and the others get the same tensor
+    (``gptq_quantize`` works on a copy)."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(group, 0)
-
-    last: list[Any] = [None, None]  # the input tensor seen last and its x^T x: q/k/v share theirs
+    owner: dict[str, str] = {}  # Linear -> the Linear whose sum holds its Hessian
+    last: list[Any] = [None, None]  # the input tensor seen last, and the Linear that summed it
 
     def accumulate(local_name: str):
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
-            if last[0] is x:
-                product = last[1]
-            else:
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                product = flat.T @ flat
-                last[0], last[1] = x, product
+            shares = last[0] is x
+            owner.setdefault(local_name, last[1] if shares else local_name)
+            if owner[local_name] != local_name:
+                return
+            if not shares:
+                last[0], last[1] = x, local_name
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            product = flat.T @ flat
             sums[local_name] = product if local_name not in sums else sums[local_name] + product
-            counts[local_name] += x.numel() // x.shape[-1]
+            counts[local_name] += flat.shape[0]
 
         return record
 
@@ -182,7 +188,8 @@ def _hessians(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in group}
+    means = {name: sums[name] / counts[name] for name in group if owner.get(name) == name}
+    return {name: means[owner[name]] for name in group}
 
 
 @torch.no_grad()
