@@ -36,25 +36,32 @@ def check_mxfp4_linear_args(
     if x.dtype not in _ACTIVATION_DTYPES:
         raise TypeError(f"mxfp4_linear: x must be one of {_ACTIVATION_DTYPES}, got {x.dtype}")
     for name, tensor in (("packed", packed), ("scales", scales)):
-        if tensor.dtype != torch.uint8 or tensor.ndim != 2:
+        if tensor.dtype != torch.uint8 or tensor.ndim < 2:
             raise TypeError(
-                f"mxfp4_linear: {name} must be a 2-D torch.uint8 tensor, got {tensor.dtype} of shape "
-                f"{tuple(tensor.shape)} (quantize the [out, in] weight with quantize_mxfp4)"
+                f"mxfp4_linear: {name} must be a torch.uint8 tensor of at least 2 dimensions ([..., N, K/2] "
+                f"and [..., N, K/block_size]), got {tensor.dtype} of shape {tuple(tensor.shape)} "
+                "(quantize the [..., out, in] weight with quantize_mxfp4)"
             )
-    n, half_k = packed.shape
+    *batch, n, half_k = packed.shape
+    batch = tuple(batch)
     k = half_k * F4_CODES_PER_BYTE
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(
             f"mxfp4_linear: x has {x.shape[-1] if x.ndim else 0} input features but packed {tuple(packed.shape)} "
             f"holds rows of {k}; pass x of shape [..., {k}]"
         )
-    if tuple(scales.shape) != (n, k // block_size):
+    if batch and (x.ndim != packed.ndim or tuple(x.shape[:-2]) != batch):
         raise ValueError(
-            f"mxfp4_linear: scales must have shape {(n, k // block_size)} for packed {tuple(packed.shape)} "
+            f"mxfp4_linear: packed {tuple(packed.shape)} holds {batch} weights of [{n}, {k}], so x must have "
+            f"shape [{', '.join(map(str, batch))}, rows, {k}] (one matrix of rows per weight); got {tuple(x.shape)}"
+        )
+    if tuple(scales.shape) != (*batch, n, k // block_size):
+        raise ValueError(
+            f"mxfp4_linear: scales must have shape {(*batch, n, k // block_size)} for packed {tuple(packed.shape)} "
             f"and block_size {block_size}, got {tuple(scales.shape)} (was it quantized with another block_size?)"
         )
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"mxfp4_linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias is not None and tuple(bias.shape) != (*batch, n):
+        raise ValueError(f"mxfp4_linear: bias must have shape {(*batch, n)}, got {tuple(bias.shape)}")
     for name, tensor in (("packed", packed), ("scales", scales), ("bias", bias)):
         if tensor is not None and tensor.device != x.device:
             raise ValueError(f"mxfp4_linear: x is on {x.device} but {name} is on {tensor.device}; move both to one")
@@ -64,7 +71,16 @@ def _reference(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
 ) -> torch.Tensor:
     weight = dequantize_mxfp4(packed, scales, block_size=block_size, dtype=x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if packed.ndim == 2:
+        return F.linear(x, weight, bias)
+    # a stack: each weight's F.linear on its own rows, so a stack rounds exactly as its weights alone do
+    n, k = weight.shape[-2:]
+    count = weight.shape[:-2].numel()
+    flat_x, flat_w = x.reshape(count, x.shape[-2], k), weight.reshape(count, n, k)
+    flat_bias = None if bias is None else bias.reshape(count, n)
+    outs = [F.linear(flat_x[i], flat_w[i], None if flat_bias is None else flat_bias[i]) for i in range(len(flat_w))]
+    return torch.stack(outs).reshape(*x.shape[:-1], n) if outs else x.new_empty(*x.shape[:-1], n)
 
 
 def _mxfp4_linear_default(
@@ -89,14 +105,36 @@ def _mxfp4_linear_cuda(
     if x.dtype not in _KERNEL_DTYPES:
         # float32 activations would run the kernel's dot in tf32; the twin keeps them exact.
         return _reference(x, packed, scales, bias, block_size)
-    from qwantize_hf.kernels.matmul_dispatch import DECODE_MAX_M, mxfp4_matmul_triton
+    from qwantize_hf.kernels.matmul_dispatch import DECODE_MAX_M
 
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] > DECODE_MAX_M:
+    rows = x.shape[-2] if packed.ndim > 2 else x.shape[:-1].numel()  # rows per weight
+    if rows > DECODE_MAX_M:
         # Above the decode sizes, dequantize + cuBLAS is faster than the fused prefill
         # kernel on the H100 at M >= 256 (eval/results/bench_matmul_h100.md; M = 64 is mixed).
         return _reference(x, packed, scales, bias, block_size)
+    if packed.ndim == 2:
+        return _fused(x, packed, scales, bias, block_size)
+    # a stack of weights: one fused call per weight, each on its own rows of x
+    n = packed.shape[-2]
+    count = packed.shape[:-2].numel()
+    flat_x = x.reshape(count, *x.shape[-2:])
+    flat_packed, flat_scales = packed.reshape(count, *packed.shape[-2:]), scales.reshape(count, *scales.shape[-2:])
+    flat_bias = None if bias is None else bias.reshape(count, n)
+    outs = [
+        _fused(flat_x[i], flat_packed[i], flat_scales[i], None if flat_bias is None else flat_bias[i], block_size)
+        for i in range(flat_packed.shape[0])
+    ]
+    return torch.stack(outs).reshape(*x.shape[:-1], n) if outs else x.new_empty(*x.shape[:-1], n)
+
+
+def _fused(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    """The fused kernel on ``x [..., K]`` and one weight ``packed [N, K/2]``."""
+    from qwantize_hf.kernels.matmul_dispatch import mxfp4_matmul_triton
+
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     out = mxfp4_matmul_triton(x2d, packed.contiguous(), scales.contiguous(), bias, block_size)
@@ -108,7 +146,7 @@ def _mxfp4_linear_fake(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
 ) -> torch.Tensor:
     check_mxfp4_linear_args(x, packed, scales, bias, block_size)
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
+    return x.new_empty(*x.shape[:-1], packed.shape[-2])
 
 
 def mxfp4_linear(
@@ -120,7 +158,9 @@ def mxfp4_linear(
 ) -> torch.Tensor:
     """``x [..., K] @ W.T + bias`` for ``W`` stored as MXFP4 ``packed [N, K/2]``, ``scales [N, K/block_size]``.
 
-    Output ``[..., N]`` in ``x.dtype``; accumulation in float32. On CUDA with bf16/fp16
+    Output ``[..., N]`` in ``x.dtype``; accumulation in float32. A stack of weights (e.g. a
+    mixture-of-experts layer's), ``packed [*B, N, K/2]`` with ``scales [*B, N, K/block_size]``
+    and ``bias [*B, N]``, takes ``x [*B, M, K]`` and gives ``[*B, M, N]``: ``x[b] @ W[b].T``. On CUDA with bf16/fp16
     activations of at most 16 rows this is the fused Triton kernel; elsewhere it is
     ``dequantize_mxfp4`` + ``F.linear``. Works under ``torch.compile`` and CUDA graphs (a registered custom op).
     """

@@ -218,6 +218,35 @@ def test_op_matches_dequantize_then_linear_with_leading_dims():
     torch.testing.assert_close(out, expected)
 
 
+def _stacked_inputs(experts, m, n, k, dtype, device, seed):
+    """A stack of ``experts`` weights (packed/scales/bias) and x [experts, m, k]."""
+    parts = [make_inputs(m, n, k, dtype, True, 32, seed=seed + e, device=device) for e in range(experts)]
+    return tuple(torch.stack([p[i] for p in parts]) for i in range(4))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_op_on_a_stack_of_weights_is_each_weight_on_its_own_rows(with_bias):
+    x, packed, scales, bias = _stacked_inputs(3, 5, 24, 96, torch.bfloat16, "cpu", seed=30)
+    bias = bias if with_bias else None
+    out = mxfp4_linear(x, packed, scales, bias)
+    assert out.shape == (3, 5, 24) and out.dtype == torch.bfloat16
+    for e in range(3):
+        torch.testing.assert_close(out[e], mxfp4_linear(x[e], packed[e], scales[e], None if bias is None else bias[e]))
+    torch.library.opcheck(torch.ops.qwantize_hf.mxfp4_linear.default, (x, packed, scales, bias, 32))
+
+
+def test_op_on_a_stack_rejects_rows_that_do_not_match_the_stack():
+    x, packed, scales, bias = _stacked_inputs(2, 4, 16, 64, torch.bfloat16, "cpu", seed=40)
+    with pytest.raises(ValueError, match=r"x must have shape \[2, rows, 64\]"):
+        mxfp4_linear(x[0], packed, scales)
+    with pytest.raises(ValueError, match=r"x must have shape \[2, rows, 64\]"):
+        mxfp4_linear(x[:1], packed, scales)
+    with pytest.raises(ValueError, match=r"bias must have shape \(2, 16\)"):
+        mxfp4_linear(x, packed, scales, bias[0])
+    with pytest.raises(ValueError, match="scales must have shape"):
+        mxfp4_linear(x, packed, scales[:1])
+
+
 def test_op_rejects_bad_shapes_with_a_fix():
     x, packed, scales, bias = make_inputs(2, 8, 64, torch.bfloat16, True, 32, seed=4, device="cpu")
     with pytest.raises(ValueError, match="input features"):
@@ -293,6 +322,16 @@ def test_gpu_autotuned_dispatch_matches_reference(m, dtype):
     x, packed, scales, bias = make_inputs(m, 1031, 1184, dtype, True, 32, seed=m, device="cuda")
     out = mxfp4_linear(x, packed, scales, bias)
     assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_gpu_op_on_a_stack_of_weights_matches_the_reference(m):
+    x, packed, scales, bias = _stacked_inputs(3, m, 520, 256, torch.bfloat16, "cuda", seed=50 + m)
+    out = mxfp4_linear(x, packed, scales, bias)
+    expected = torch.stack([reference(x[e], packed[e], scales[e], bias[e], 32) for e in range(3)])
+    assert out.shape == (3, m, 520)
+    assert rel_err(out, expected) < MAX_REL_ERR
 
 
 @gpu
