@@ -19,7 +19,7 @@ from qwantize_hf.sequential import gptq_sequential
 from tests.test_calibrated_plugin import CALIBRATION_TEXT, char_tokenizer, eligible, request
 from tests.tiny_models import FAMILIES, assert_same_tensors, input_ids, save_random_model
 
-DEFAULTS = {key: GPTQ_DEFAULTS[key] for key in ("act_order", "true_sequential", "damping")}
+DEFAULTS = dict(GPTQ_DEFAULTS)  # gptq_sequential keywords (test_config_defaults_are_the_pipeline_defaults)
 
 
 def gptq_config(**overrides) -> MXFP4Config:
@@ -39,7 +39,8 @@ def test_from_pretrained_runs_the_layer_by_layer_pipeline(checkpoints, family):
     reference = AutoModelForCausalLM.from_pretrained(checkpoints[family])
     names = eligible(reference)
     sequences, _ = calibration_inputs(request())
-    expected = gptq_sequential(reference, sequences, names, block_size=32, device=torch.device("cpu"), **DEFAULTS)
+    # device left to the pipeline's default (the GPU when there is one), as the quantizer leaves it
+    expected = gptq_sequential(reference, sequences, names, block_size=32, **DEFAULTS)
     for name in names:
         module = model.get_submodule(name)
         assert isinstance(module, MXFP4Linear), name
@@ -56,7 +57,7 @@ def test_save_reload_is_bit_identical_and_config_records_the_run(checkpoints, tm
     model.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert stored["algorithm"] == "gptq"
-    assert stored["gptq"] == {"damping": 0.05, "act_order": True, "true_sequential": True}
+    assert stored["gptq"] == {**GPTQ_DEFAULTS, "damping": 0.05, "true_sequential": True}
     assert stored["calibration"]["calibrated"] is True and stored["calibration"]["calibration_tokens"] == 256
     assert CALIBRATION_TEXT[:40] not in json.dumps(stored)  # the text itself is never stored
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the stored bytes, no calibration again
@@ -106,12 +107,9 @@ def test_gptq_with_naive_scales_is_the_pipeline_with_naive_scales(checkpoints):
     reference = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
     sequences, _ = calibration_inputs(request())
     names = eligible(reference)
-    cpu = torch.device("cpu")
-    expected = gptq_sequential(reference, sequences, names, block_size=32, scale_method="naive", device=cpu, **DEFAULTS)
-    mse = gptq_sequential(
-        AutoModelForCausalLM.from_pretrained(checkpoints["llama"]), sequences, names, block_size=32, device=cpu,
-        **DEFAULTS,
-    )  # fmt: skip
+    expected = gptq_sequential(reference, sequences, names, block_size=32, scale_method="naive", **DEFAULTS)
+    mse = gptq_sequential(AutoModelForCausalLM.from_pretrained(checkpoints["llama"]), sequences, names, block_size=32,
+                          **DEFAULTS)  # fmt: skip
     for name in names:
         module = model.get_submodule(name)
         assert torch.equal(module.weight_scale, expected[name][1]) and torch.equal(module.weight, expected[name][0])

@@ -144,9 +144,7 @@ def test_a_plan_that_reaches_disk_is_refused_before_loading(bf16_folder, plans, 
 )
 def test_each_weight_is_quantized_once_on_the_device_that_holds_it(bf16_folder, monkeypatch, device_map):
     spy = QuantizeSpy(monkeypatch)
-    model = AutoModelForCausalLM.from_pretrained(
-        bf16_folder, quantization_config=MXFP4Config(), device_map=device_map
-    )
+    model = AutoModelForCausalLM.from_pretrained(bf16_folder, quantization_config=MXFP4Config(), device_map=device_map)
     modules = quantized(model)
     names = [name for name, _, _ in spy.calls]
     assert sorted(names) == sorted(modules) and len(names) == len(set(names)) == 7 * LAYERS
@@ -154,7 +152,8 @@ def test_each_weight_is_quantized_once_on_the_device_that_holds_it(bf16_folder, 
         # the checkpoint's bf16 tensor, already on its target device: never a meta placeholder, never cast
         assert dtype == torch.bfloat16, name
         assert device == modules[name].weight.device == modules[name].weight_scale.device, name
-        assert device.type == "cpu"
+        # "auto" puts the model on the GPU when there is one
+        assert device.type == ("cuda" if device_map == "auto" and torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------- save under one map, reload under another
@@ -213,7 +212,8 @@ def test_reload_under_another_device_map_is_bit_identical(quantized_split, label
 
 
 def run_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep where the rest comes from
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     command = [sys.executable, str(REPO / "eval" / "checks" / "multi_gpu_check.py"), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
 
