@@ -39,6 +39,7 @@ from qwantize_hf.constants import F4_CODES_PER_BYTE
 
 logger = logging.getLogger(__name__)
 
+
 class MXFP4HfQuantizer(HfQuantizer):
     """Quantizes eligible ``nn.Linear`` weights to MXFP4 as they load; loads stored MXFP4 bytes as they are."""
 
@@ -119,6 +120,8 @@ class MXFP4HfQuantizer(HfQuantizer):
                 modules_to_not_convert=config.modules_to_not_convert,
                 quantize_on_load=not self.pre_quantized,
             )
+        if self.pre_quantized:
+            replace.match_stored_dtypes(model, kwargs.get("checkpoint_files"))
         if not_divisible:
             logger.warning(
                 "%d Linear layer(s) have in_features that are not a multiple of block_size %d and stay "
@@ -158,6 +161,7 @@ class MXFP4HfQuantizer(HfQuantizer):
         replace.check_all_quantized(model)
         if self.pre_quantized:
             replace.check_stored_tensors_loaded(model)
+            replace.view_stored_bytes(model)
             replace.check_stored_scales(model)
         if self.pre_quantized and self.quantization_config.dequantize:
             # the dtype the rest of the model was loaded in, as transformers' own dequantize uses

@@ -285,6 +285,78 @@ def check_stored_tensors_loaded(model: nn.Module) -> None:
         )
 
 
+# --------------------------------------------------------------------------- stored dtypes
+
+# The dtypes (safetensors names) whose bytes are MXFP4's bytes as they stand: uint8, and the
+# same bits under another name that other MX tools use (int8 codes, float8_e8m0fnu scales).
+# Loaded as such and viewed as uint8, never cast by value (a cast would turn E8M0 scale 2**-3
+# into byte 0). Any other dtype is refused before a byte is read.
+STORED_BYTE_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F8_E8M0": torch.float8_e8m0fnu}
+
+
+def _safetensors_dtypes(path: str) -> dict[str, str]:
+    """``tensor name -> safetensors dtype`` from a .safetensors file's header (nothing else is read)."""
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def match_stored_dtypes(model: nn.Module, checkpoint_files: Iterable[str] | None) -> None:
+    """Before loading stored MXFP4 bytes: give each packed/scales placeholder the dtype its checkpoint
+    tensor has when that dtype holds the bytes as they are (``STORED_BYTE_DTYPES``), so transformers
+    loads it without a cast; refuse any other dtype, naming the tensor. Reads only the headers of
+    ``.safetensors`` files (other formats load as they always did)."""
+    stored: dict[str, str] = {}
+    for path in checkpoint_files or ():
+        if str(path).endswith(".safetensors"):
+            stored.update(_safetensors_dtypes(str(path)))
+    if not stored:
+        return
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for name, module in model.named_modules():
+        kind = mxfp4_kind(module)
+        if kind is None:
+            continue
+        for tensor_name in kind.stored_tensors:
+            key = f"{name}.{tensor_name}"
+            # a checkpoint saved from the bare base model lacks the prefix the task model adds
+            dtype = stored.get(key, stored.get(key[len(prefix) :]) if key.startswith(prefix) else None)
+            if dtype is None or dtype == "U8":
+                continue
+            if dtype not in STORED_BYTE_DTYPES:
+                raise ValueError(
+                    f"the checkpoint stores {key} as {dtype}, but MXFP4 codes and scales are bytes (uint8; int8 "
+                    "and float8_e8m0fnu are read as their bytes); a cast would change their values. Re-save it "
+                    "with save_pretrained, or store tensor.view(torch.uint8) of the original bytes"
+                )
+            placeholder = getattr(module, tensor_name)
+            empty = torch.empty(placeholder.shape, dtype=STORED_BYTE_DTYPES[dtype], device=placeholder.device)
+            setattr(module, tensor_name, nn.Parameter(empty, requires_grad=False))
+
+
+def view_stored_bytes(model: nn.Module) -> None:
+    """After loading: codes or scales that arrived as int8 / float8_e8m0fnu become the uint8 view of
+    the same bytes (``match_stored_dtypes`` let them load uncast)."""
+    for name, module in model.named_modules():
+        kind = mxfp4_kind(module)
+        if kind is None:
+            continue
+        for tensor_name in kind.stored_tensors:
+            tensor = getattr(module, tensor_name)
+            if tensor.dtype == torch.uint8:
+                continue
+            if tensor.device.type == "meta":
+                raise ValueError(
+                    f"{name}.{tensor_name} is stored as {tensor.dtype} and offloaded; offloaded layers need "
+                    "uint8 bytes in the checkpoint: re-save it with save_pretrained, or load it without offloading"
+                )
+            setattr(module, tensor_name, nn.Parameter(tensor.detach().view(torch.uint8), requires_grad=False))
+
+
 def check_stored_scales(model: nn.Module) -> None:
     """Raise when a stored scale byte is 255 (NaN in UE8M0), naming the tensor and its first bad block.
 

@@ -1,4 +1,5 @@
-"""A stored MXFP4 checkpoint that is corrupt must not load: scale byte 255 (NaN in UE8M0)."""
+"""A stored MXFP4 checkpoint that is corrupt must not load: scale byte 255 (NaN in UE8M0), codes or scales
+stored in a dtype that is not their bytes. The same bytes under another name (int8, float8_e8m0fnu) load as bytes."""
 
 from __future__ import annotations
 
@@ -53,3 +54,48 @@ def test_scale_byte_255_is_refused_naming_the_tensor(saved, tmp_path, edit, dequ
 def test_an_intact_checkpoint_still_loads(saved):
     model = AutoModelForCausalLM.from_pretrained(saved)
     assert model.get_submodule("model.layers.1.mlp.down_proj").weight_scale.dtype == torch.uint8
+
+
+PACKED = "model.layers.1.mlp.down_proj.weight"
+
+
+def scales_as_e8m0(tensors):
+    tensors[SCALES] = tensors[SCALES].view(torch.float8_e8m0fnu)  # how other MX tools store E8M0
+
+
+def codes_as_int8(tensors):
+    tensors[PACKED] = tensors[PACKED].view(torch.int8)
+
+
+@pytest.mark.parametrize("edit", [scales_as_e8m0, codes_as_int8])
+def test_the_same_bytes_under_another_dtype_load_as_those_bytes(saved, tmp_path, edit):
+    intact = AutoModelForCausalLM.from_pretrained(saved)
+    model = AutoModelForCausalLM.from_pretrained(corrupt(saved, tmp_path, edit))
+    module, reference = (
+        model.get_submodule("model.layers.1.mlp.down_proj"),
+        intact.get_submodule("model.layers.1.mlp.down_proj"),
+    )
+    assert module.weight.dtype == module.weight_scale.dtype == torch.uint8
+    assert torch.equal(module.weight, reference.weight) and torch.equal(module.weight_scale, reference.weight_scale)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, intact(ids).logits)
+
+
+def scales_as_float32(tensors):
+    tensors[SCALES] = tensors[SCALES].float()  # byte values as floats: a cast of some other tool's scales
+
+
+def codes_as_bfloat16(tensors):
+    tensors[PACKED] = tensors[PACKED].to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("edit", "name", "dtype"), [(scales_as_float32, SCALES, "F32"), (codes_as_bfloat16, PACKED, "BF16")]
+)
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_other_dtypes_are_refused_naming_the_tensor(saved, tmp_path, edit, name, dtype, dequantize):
+    folder = corrupt(saved, tmp_path, edit)
+    kwargs = {"quantization_config": MXFP4Config(dequantize=True)} if dequantize else {}
+    with pytest.raises(ValueError, match=rf"stores {name} as {dtype}, but MXFP4 codes and scales are bytes"):
+        AutoModelForCausalLM.from_pretrained(folder, **kwargs)
