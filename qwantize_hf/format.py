@@ -15,8 +15,12 @@ How the ``mse`` search is evaluated, exactly (the kernels do the same
 floating-point operations in the same order, so both give the same bytes):
 
 * ``e0`` is the naive byte; the candidates are ``e0-1`` (when ``e0 >= 1``),
-  ``e0`` and ``e0+1`` (when ``e0+1 <= 252``: a larger byte could round a
-  finite block max up to float32 infinity; ``even`` is capped the same way).
+  ``e0`` and ``e0+1`` (when ``e0+1 <= max_byte``: ``max_scale_byte`` of the
+  weight's dtype, the largest byte whose grid, up to ``6 * scale``, is finite
+  in that dtype: 252 for float32 and bfloat16, 140 for float16; a larger
+  byte could round a finite block max up to infinity). Every method caps its
+  byte there (naive only ever reaches it when GPTQ's feedback pushed a
+  block past the dtype's range).
   DESIGN.md explains why no other byte can be better for unweighted error;
   with ``weights`` the same three are searched.
 * Errors are measured in units of the smallest candidate scale ``s_min``:
@@ -47,6 +51,7 @@ from qwantize_hf.constants import (
     F4_E2M1_EMAX,
     F4_E2M1_MAG_MASK,
     F4_E2M1_MANTISSA_BITS,
+    F4_E2M1_MAX,
     F4_E2M1_SIGN_BIT,
     F4_E2M1_VALUES,
     F4_NIBBLE_BITS,
@@ -193,26 +198,35 @@ def block_amax_bits(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return (float32_bits(w).reshape(-1, block_size) & F32_ABS_MASK).amax(dim=-1)
 
 
-def naive_scale_bytes(amax_bits: torch.Tensor) -> torch.Tensor:
-    """OCP MX v1.0: clamp(floor(log2(amax)) - 2 + 127, 0, 254), from amax's float32 bits.
+def max_scale_byte(dtype: torch.dtype) -> int:
+    """The largest scale byte whose grid (up to ``6 * 2**(byte-127)``) is finite in ``dtype``."""
+    largest = torch.finfo(dtype).max
+    byte = E8M0_MAX_QUANTIZE
+    while F4_E2M1_MAX * 2.0 ** (byte - E8M0_BIAS) > largest:
+        byte -= 1
+    return byte
+
+
+def naive_scale_bytes(amax_bits: torch.Tensor, max_byte: int = E8M0_MAX_QUANTIZE) -> torch.Tensor:
+    """OCP MX v1.0: clamp(floor(log2(amax)) - 2 + 127, 0, max_byte), from amax's float32 bits.
 
     For a normal amax, floor(log2(amax)) + 127 is its exponent field; zero and
     subnormal amax give a negative byte, clamped to 0. Non-finite → 255.
     """
     exponent_field = amax_bits >> F32_MANTISSA_BITS
-    e0 = (exponent_field - F4_E2M1_EMAX).clamp(E8M0_MIN, E8M0_MAX)
+    e0 = (exponent_field - F4_E2M1_EMAX).clamp(E8M0_MIN, max_byte)
     return torch.where(exponent_field == F32_EXP_NONFINITE, E8M0_NAN, e0)
 
 
-def even_scale_bytes(amax_bits: torch.Tensor) -> torch.Tensor:
+def even_scale_bytes(amax_bits: torch.Tensor, max_byte: int = E8M0_MAX_QUANTIZE) -> torch.Tensor:
     """torchao EVEN: ``e0 + 1`` when amax's mantissa is 1.75 or more (it rounds up to 2)."""
     rounded_field = (amax_bits + EVEN_ROUNDING_ADD) >> F32_MANTISSA_BITS
-    e = (rounded_field - F4_E2M1_EMAX).clamp(E8M0_MIN, E8M0_MAX_QUANTIZE)
+    e = (rounded_field - F4_E2M1_EMAX).clamp(E8M0_MIN, max_byte)
     return torch.where((amax_bits >> F32_MANTISSA_BITS) == F32_EXP_NONFINITE, E8M0_NAN, e)
 
 
 def mse_candidate_errors(
-    absx: torch.Tensor, e0: torch.Tensor, weights: torch.Tensor | None
+    absx: torch.Tensor, e0: torch.Tensor, weights: torch.Tensor | None, max_byte: int = E8M0_MAX_QUANTIZE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared error of each block under scale bytes e0-1, e0, e0+1 (inf where not a candidate).
 
@@ -236,16 +250,16 @@ def mse_candidate_errors(
     err_minus = torch.where(has_minus, sums[0], inf)
     err_zero = torch.where(has_minus, sums[1], sums[0])
     err_plus = torch.where(has_minus, sums[2], sums[1])
-    err_plus = torch.where(e0 < E8M0_MAX_QUANTIZE, err_plus, inf)
+    err_plus = torch.where(e0 < max_byte, err_plus, inf)
     return err_minus, err_zero, err_plus
 
 
 def mse_scale_bytes(
-    absx: torch.Tensor, amax_bits: torch.Tensor, weights: torch.Tensor | None = None
+    absx: torch.Tensor, amax_bits: torch.Tensor, weights: torch.Tensor | None = None, max_byte: int = E8M0_MAX_QUANTIZE
 ) -> torch.Tensor:
     """The byte among e0-1, e0, e0+1 with the least (weighted) squared error; ties keep e0, then go up."""
-    e0 = naive_scale_bytes(amax_bits)
-    e = choose_mse_byte(e0, *mse_candidate_errors(absx, e0, weights))
+    e0 = naive_scale_bytes(amax_bits, max_byte)
+    e = choose_mse_byte(e0, *mse_candidate_errors(absx, e0, weights, max_byte))
     return torch.where(e0 == E8M0_NAN, E8M0_NAN, e)
 
 
@@ -259,10 +273,11 @@ def choose_mse_byte(
 
 
 # Each scale method's byte rule (methods.SCALE_METHODS names them): (|x| float32 [n_blocks, block_size],
-# amax bits [n_blocks], per-element weights or None) -> int32 bytes [n_blocks], 255 for a non-finite block.
+# amax bits [n_blocks], per-element weights or None, largest byte allowed) -> int32 bytes [n_blocks],
+# 255 for a non-finite block.
 SCALE_BYTE_RULES = {
-    "naive": lambda absx, amax_bits, weights: naive_scale_bytes(amax_bits),
-    "even": lambda absx, amax_bits, weights: even_scale_bytes(amax_bits),
+    "naive": lambda absx, amax_bits, weights, max_byte: naive_scale_bytes(amax_bits, max_byte),
+    "even": lambda absx, amax_bits, weights, max_byte: even_scale_bytes(amax_bits, max_byte),
     "mse": mse_scale_bytes,
 }
 
@@ -288,12 +303,15 @@ def quantize_blocks_torch(
     block_size: int,
     scale_method: str,
     weights: torch.Tensor | None = None,
+    max_byte: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference quantizer. Inputs are assumed checked (see ``quantize_mxfp4``).
 
     ``weights`` is float32 ``[K]``, already passed through ``normalize_mse_weights``.
+    ``max_byte``: the largest scale byte to emit (None: ``max_scale_byte(w.dtype)``).
     A non-finite block gets scale byte 255 and all-zero codes.
     """
+    max_byte = max_scale_byte(w.dtype) if max_byte is None else max_byte
     shape = w.shape
     bits = float32_bits(w).reshape(-1, block_size)
     absx = (bits & F32_ABS_MASK).view(torch.float32)
@@ -301,7 +319,7 @@ def quantize_blocks_torch(
     block_weights = None
     if weights is not None:
         block_weights = weights.reshape(-1, block_size).repeat(bits.shape[0] * block_size // weights.numel(), 1)
-    e = SCALE_BYTE_RULES[scale_method](absx, amax_bits, block_weights)
+    e = SCALE_BYTE_RULES[scale_method](absx, amax_bits, block_weights, max_byte)
     nonfinite = e == E8M0_NAN
     q = absx * pow2_of_scale_byte(torch.where(nonfinite, E8M0_BIAS, e), negate=True)[:, None]
     sign = ((bits >> F32_SIGN_SHIFT) & 1).to(torch.int32) * F4_E2M1_SIGN_BIT
@@ -328,6 +346,7 @@ def dequantize_blocks_torch(
 
 
 __all__ = [
+    "max_scale_byte",
     "SCALE_BYTE_RULES",
     "SUPPORTED_DTYPES",
     "check_block_size",

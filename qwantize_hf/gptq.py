@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from qwantize_hf.constants import F4_E2M1_SIGN_BIT, F4_E2M1_VALUES
-from qwantize_hf.format import e2m1_magnitude_index, pack_codes, pow2_of_scale_byte
+from qwantize_hf.format import e2m1_magnitude_index, max_scale_byte, pack_codes, pow2_of_scale_byte
 from qwantize_hf.methods import DEFAULT_SCALE_METHOD
 from qwantize_hf.methods import scale_method as scale_method_row
 from qwantize_hf.ops import quantize_mxfp4
@@ -113,6 +113,7 @@ def gptq_quantize(
     if k % block_size:
         raise ValueError(f"{name}: {k} input features are not a multiple of block_size {block_size}")
     device = weight.device
+    max_byte = max_scale_byte(weight.dtype)
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=device, dtype=torch.float32).clone()
     if not bool(torch.isfinite(w).all()):
@@ -165,6 +166,7 @@ def gptq_quantize(
                     scale_method=scale_method,
                     weights=block_weights(u_diagonal[members]) if weighted else None,
                     name=name,
+                    max_byte=max_byte,  # the float32 copy must not pick a byte the weight's dtype overflows
                 )
                 scales[:, block] = block_scales[:, 0]
                 scale_values[:, block] = pow2_of_scale_byte(block_scales[:, 0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qwantize_hf.backend import resolve_backend
-from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, E8M0_NAN, F4_CODES_PER_BYTE
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, E8M0_MAX_QUANTIZE, E8M0_MIN, E8M0_NAN, F4_CODES_PER_BYTE
 from qwantize_hf.format import (
     SUPPORTED_DTYPES,
     check_block_size,
@@ -47,6 +47,7 @@ def quantize_mxfp4(
     weights: torch.Tensor | None = None,
     backend: str = "auto",
     name: str = "w",
+    max_byte: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w`` ([..., K], bf16/fp16/fp32) to MXFP4 along its last dimension.
 
@@ -54,11 +55,18 @@ def quantize_mxfp4(
     ``scale_method``: ``"naive"`` (OCP MX), ``"even"`` (torchao EVEN), or
     ``"mse"`` (least squared error; with ``weights``, a non-negative float
     tensor ``[K]``, each element's squared error is weighted by its input
-    feature's weight). ``name`` is used in error messages.
+    feature's weight). ``name`` is used in error messages. Every method keeps the
+    scale byte at most ``max_byte``, by default ``format.max_scale_byte(w.dtype)``, so
+    dequantizing in ``w``'s dtype never gives infinity (140 for float16, 252 otherwise);
+    pass the byte of the dtype the result will be dequantized in when ``w`` is wider.
     """
     check_block_size(block_size)
     check_scale_method(scale_method)
     check_weight(w, block_size, name)
+    if max_byte is not None and (
+        isinstance(max_byte, bool) or not isinstance(max_byte, int) or not E8M0_MIN <= max_byte <= E8M0_MAX_QUANTIZE
+    ):
+        raise ValueError(f"max_byte must be an int in [{E8M0_MIN}, {E8M0_MAX_QUANTIZE}] or None, got {max_byte!r}")
     if weights is not None:
         if not SCALE_METHODS[scale_method].takes_weights:
             takers = " / ".join(repr(name) for name, method in SCALE_METHODS.items() if method.takes_weights)
@@ -69,9 +77,9 @@ def quantize_mxfp4(
     if chosen == "triton" and SCALE_METHODS[scale_method].kernel_id is not None:
         from qwantize_hf.kernels.quantize import quantize_triton
 
-        packed, scales = quantize_triton(w, block_size, scale_method, weights)
+        packed, scales = quantize_triton(w, block_size, scale_method, weights, max_byte=max_byte)
     else:
-        packed, scales = quantize_blocks_torch(w, block_size, scale_method, weights)
+        packed, scales = quantize_blocks_torch(w, block_size, scale_method, weights, max_byte)
     _raise_on_nonfinite(scales, w.shape, block_size, name)
     return packed, scales
 

@@ -14,6 +14,7 @@ from qwantize_hf.format import (
     choose_mse_byte,
     e2m1_magnitude_index,
     even_scale_bytes,
+    max_scale_byte,
     mse_candidate_errors,
     naive_scale_bytes,
     pack_codes,
@@ -89,7 +90,7 @@ def test_even_rule(dtype):
         e0 = ocp_e0_f64(a)
         mantissa = a / 2.0 ** math.floor(math.log2(a)) if a > 0 else 0.0
         bump = 1 if mantissa >= 1.75 and a >= 2.0**-126 else 0  # float32 subnormal amax keeps e0 = 0
-        expected.append(min(e0 + bump, E8M0_MAX_QUANTIZE))
+        expected.append(min(e0 + bump, max_scale_byte(dtype)))  # float16: never a grid past its max
     assert scales.reshape(-1).tolist() == expected
 
 
@@ -134,14 +135,14 @@ def test_choose_mse_byte_tie_rules():
 @pytest.mark.parametrize("block_size", [32, 16])
 def test_mse_is_a_true_minimum_by_brute_force(dtype, block_size):
     # every exponent e0-4..e0+4, float64 errors: nothing beats the chosen byte. Bytes above
-    # E8M0_MAX_QUANTIZE are out: their grid reaches past float32's max (it would dequantize to inf).
+    # max_scale_byte(dtype) are out: their grid reaches past the dtype's max (it would dequantize to inf).
     x = adversarial(8, 8 * block_size, block_size, dtype, seed=3)
     _, scales = quantize_mxfp4(x, block_size=block_size, scale_method="mse", backend="torch")
     blocks = x.double().reshape(-1, block_size)
     for block, e in zip(blocks, scales.reshape(-1).tolist()):
         e0 = ocp_e0_f64(float(block.abs().max()))
         chosen = block_sse_f64(block, e)
-        for cand in range(max(0, e0 - 4), min(E8M0_MAX_QUANTIZE, e0 + 4) + 1):
+        for cand in range(max(0, e0 - 4), min(max_scale_byte(dtype), e0 + 4) + 1):
             other = block_sse_f64(block, cand)
             assert chosen <= other * (1 + 1e-6) + 1e-300, (block.tolist(), e, cand, chosen, other)
 

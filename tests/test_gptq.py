@@ -25,7 +25,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, scales:
     return float((x.double() @ (w.double() - q.double()).T).square().sum())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_identity_hessian_gives_plain_mse_bytes(dtype):
     # Nothing is fed back and every column weighs the same: exactly quantize_mxfp4(scale_method="mse").
     w = adversarial(16, 128, 32, dtype, seed=1)
@@ -62,6 +62,16 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(act_order):
     # an ordinary MXFP4 tensor: codes sit on the grid of the stored scales
     assert packed.shape == (48, 96) and scales.shape == (48, 6)
     assert torch.isfinite(dequantize_mxfp4(packed, scales, dtype=torch.float32)).all()
+
+
+def test_float16_weights_near_its_max_stay_finite_in_float16():
+    # GPTQ works on a float32 copy; its scales must still fit the weight's own dtype.
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(8)).half()
+    w[:, 0], w[:4, 33] = 60000.0, -65504.0
+    x = correlated_inputs(256, 64, seed=9)
+    packed, scales = gptq_quantize(w, x.T @ x)
+    assert int(scales.max()) <= 140
+    assert torch.isfinite(dequantize_mxfp4(packed, scales, dtype=torch.float16)).all()
 
 
 def test_dead_input_features_are_rounded_alone():

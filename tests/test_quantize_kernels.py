@@ -12,7 +12,7 @@ import torch
 
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_NAN
-from qwantize_hf.format import dequantize_blocks_torch, normalize_mse_weights, quantize_blocks_torch
+from qwantize_hf.format import dequantize_blocks_torch, max_scale_byte, normalize_mse_weights, quantize_blocks_torch
 from qwantize_hf.kernels.dequantize import dequantize_triton
 from qwantize_hf.kernels.quantize import quantize_triton
 from tests.conftest import KERNEL_DEVICE
@@ -248,3 +248,43 @@ def test_inline_ptx_only_on_new_enough_gpus(monkeypatch):
     assert not half_search_runs_on(cuda)
     monkeypatch.setenv("QWANTIZE_HF_NO_INLINE_PTX", "1")  # plain ops run anywhere
     assert half_search_runs_on(cuda)
+
+
+def near_max_blocks(dtype: torch.dtype) -> torch.Tensor:
+    """Blocks whose amax sits just under the dtype's max, where e0+1 would round it up to infinity."""
+    top = torch.finfo(dtype).max
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    x[0, 0] = 60000.0 if dtype == torch.float16 else top * 0.9  # mantissa above 1.75: even rounds up
+    x[1, :32] = -top
+    x[2, 32:] = torch.linspace(-1, 1, 32) * top
+    x[3, 40] = top * 0.999
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_no_method_picks_a_scale_that_overflows_the_weights_dtype(method, dtype):
+    x = near_max_blocks(dtype)
+    packed, scales = quantize_blocks_torch(x, 32, method)
+    assert bool(torch.isfinite(dequantize_mxfp4(packed, scales, dtype=dtype)).all())
+    assert int(scales.max()) == max_scale_byte(dtype)
+    assert_same_quantization(x, 32, method, blocks_per_prog=8)
+
+
+def test_max_scale_byte_is_the_largest_finite_grid():
+    assert max_scale_byte(torch.float16) == 140
+    assert max_scale_byte(torch.bfloat16) == max_scale_byte(torch.float32) == 252
+    for dtype in DTYPES:
+        byte = max_scale_byte(dtype)
+        assert 6.0 * 2.0 ** (byte - 127) <= torch.finfo(dtype).max < 6.0 * 2.0 ** (byte + 1 - 127)
+
+
+def test_max_byte_caps_a_wider_weight_for_a_narrower_dtype():
+    x = near_max_blocks(torch.float16).float() * 1.5  # a float32 weight beyond float16's range
+    packed, scales = quantize_mxfp4(x, scale_method="mse", backend="torch", max_byte=140)
+    assert int(scales.max()) == 140
+    assert bool(torch.isfinite(dequantize_mxfp4(packed, scales, dtype=torch.float16)).all())
+    for bad in (253, -1, 140.0, True):
+        with pytest.raises(ValueError, match="max_byte must be an int"):
+            quantize_mxfp4(x, max_byte=bad, backend="torch")

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from qwantize_hf import constants as C
 from qwantize_hf.backend import inline_ptx_allowed, inline_ptx_enabled
-from qwantize_hf.format import EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW
+from qwantize_hf.format import EVEN_ROUNDING_ADD, ROUNDS_TO_ZERO_BELOW, max_scale_byte
 from qwantize_hf.methods import SCALE_METHODS
 
 _MANT: tl.constexpr = tl.constexpr(C.F32_MANTISSA_BITS)
@@ -42,7 +42,6 @@ _EMAX: tl.constexpr = tl.constexpr(C.F4_E2M1_EMAX)
 _E2M1_MAX: tl.constexpr = tl.constexpr(C.F4_E2M1_MAX)
 _E8M0_NAN: tl.constexpr = tl.constexpr(C.E8M0_NAN)
 _E8M0_BIAS: tl.constexpr = tl.constexpr(C.E8M0_BIAS)
-_E8M0_MAX_QUANTIZE: tl.constexpr = tl.constexpr(C.E8M0_MAX_QUANTIZE)
 _EVEN_ADD: tl.constexpr = tl.constexpr(EVEN_ROUNDING_ADD)
 _ZERO_BELOW: tl.constexpr = tl.constexpr(ROUNDS_TO_ZERO_BELOW)
 _SIGN_TO_CODE_SHIFT: tl.constexpr = tl.constexpr(C.F4_SIGN_TO_F32_SHIFT)  # float sign bit → code bit 3
@@ -452,6 +451,7 @@ def _quantize_kernel(
     HAS_WEIGHTS: tl.constexpr,
     HALF: tl.constexpr,
     PACKED_ASM: tl.constexpr,
+    MAX_BYTE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blocks = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
@@ -467,11 +467,11 @@ def _quantize_kernel(
         amax_bits = tl.maximum(amax_bits, tl.maximum(_group_amax_bits(bits2), _group_amax_bits(bits3)))
     exp_field = amax_bits >> _MANT
     nonfinite = exp_field == _EXP_NONFINITE
-    e0 = tl.maximum(exp_field - _EMAX, 0)
+    e0 = tl.minimum(tl.maximum(exp_field - _EMAX, 0), MAX_BYTE)
     if METHOD == 0:
         e = e0
     elif METHOD == 1:
-        e = tl.minimum(tl.maximum(((amax_bits + _EVEN_ADD) >> _MANT) - _EMAX, 0), _E8M0_MAX_QUANTIZE)
+        e = tl.minimum(tl.maximum(((amax_bits + _EVEN_ADD) >> _MANT) - _EMAX, 0), MAX_BYTE)
     else:
         has_minus = e0 > 0
         f_min = _pow2_neg(tl.where(nonfinite, _E8M0_BIAS, tl.maximum(e0 - 1, 0)))
@@ -495,7 +495,7 @@ def _quantize_kernel(
         err_minus = tl.where(has_minus, err_lo, float("inf"))
         err_zero = tl.where(has_minus, err_mid, err_lo)
         err_plus = tl.where(has_minus, err_hi, err_mid)
-        err_plus = tl.where(e0 < _E8M0_MAX_QUANTIZE, err_plus, float("inf"))
+        err_plus = tl.where(e0 < MAX_BYTE, err_plus, float("inf"))
         keep = (err_zero <= err_minus) & (err_zero <= err_plus)
         up = err_plus <= err_minus
         e = tl.where(keep, e0, tl.where(up, e0 + 1, e0 - 1))
@@ -538,8 +538,10 @@ def quantize_triton(
     blocks_per_prog: int | None = None,
     num_warps: int | None = None,
     half_search: bool | None = None,
+    max_byte: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel on a contiguous ``w`` (checked by the caller); same contract as the twin.
+    """Launch the kernel on a contiguous ``w`` (checked by the caller); same contract as the twin
+    (``max_byte``: the largest scale byte, None for ``max_scale_byte(w.dtype)``).
 
     ``half_search`` runs the mse search's rounding in packed float16, which gives the
     same bytes for bf16/fp16 input and issues fewer instructions; None turns it on for
@@ -591,6 +593,7 @@ def quantize_triton(
         HAS_WEIGHTS=weights is not None,
         HALF=half_search and scale_method == "mse",
         PACKED_ASM=inline_ptx_enabled(),
+        MAX_BYTE=max_scale_byte(w.dtype) if max_byte is None else max_byte,
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
