@@ -217,11 +217,32 @@ def _upload_with_card(self: Any, working_dir: str | os.PathLike, repo_id: str, *
     return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 
 
+def _is_our_card(path: Path) -> bool:
+    """README.md is a card this package wrote (its front matter carries our tag), not the user's own."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---\n"):
+        return False
+    front_matter = text[4:].split("\n---", 1)[0]
+    return f"- {TAGS[1]}" in front_matter.splitlines()
+
+
+def _save_with_card(self: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    readme = Path(save_directory) / "README.md"
+    if kwargs.get("is_main_process", True) and (not readme.exists() or _is_our_card(readme)):
+        write_model_card(self, save_directory)  # a README of the user's own is left as it is
+    return result
+
+
 def upload_card_with_push_to_hub(model: Any) -> None:
-    """Make ``model.push_to_hub`` upload this model's MXFP4 card as README.md."""
+    """Make ``model.push_to_hub`` upload this model's MXFP4 card as README.md, and ``model.save_pretrained``
+    write it beside the weights (unless the folder holds a README.md that is not one of ours), so a
+    checkpoint always says which package reads it."""
     model._upload_modified_files = types.MethodType(_upload_with_card, model)
+    model.save_pretrained = types.MethodType(_save_with_card, model)
 
 
 def remove_card_hook(model: Any) -> None:
     """Undo ``upload_card_with_push_to_hub`` (the model is no longer quantized)."""
     model.__dict__.pop("_upload_modified_files", None)
+    model.__dict__.pop("save_pretrained", None)

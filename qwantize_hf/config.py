@@ -23,6 +23,15 @@ from qwantize_hf.methods import DEFAULT_ALGORITHM, DEFAULT_SCALE_METHOD, algorit
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "qwantize_mxfp4"  # the built-in "mxfp4" belongs to GPT-OSS
+PACKAGE_VERSION = "0.1.0"  # qwantize_hf.__version__
+# config.json names the package that wrote it, so a reader without qwantize_hf learns what to install:
+# transformers' own message for an unknown quant_method says nothing of it.
+WRITER_FIELD = "quantizer"
+WRITER = {
+    "package": "qwantize_hf",
+    "version": PACKAGE_VERSION,
+    "to_load": "pip install qwantize_hf, then import qwantize_hf before from_pretrained",
+}
 # Version of the on-disk layout: `<module>.weight` uint8 [N, K/2] (element 2i in
 # the low nibble), `<module>.weight_scale` uint8 [N, K/block_size] (UE8M0),
 # `<module>.bias` unchanged. Bump it whenever that layout changes meaning.
@@ -136,7 +145,8 @@ class MXFP4Config(QuantizationConfigMixin):
         with a warning (a newer qwantize_hf wrote them), unlike unknown keyword arguments."""
         known = set(cls._field_names())
         fields = {key: value for key, value in config_dict.items() if key in known}
-        fields[_FROM_CONFIG_JSON] = [key for key in config_dict if key not in known]
+        # WRITER_FIELD says who wrote the file; a save writes this version's own
+        fields[_FROM_CONFIG_JSON] = [key for key in config_dict if key not in known and key != WRITER_FIELD]
         return super().from_dict(fields, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def post_init(self) -> None:
@@ -273,6 +283,7 @@ class MXFP4Config(QuantizationConfigMixin):
             if key == "calibration" and value is not None:
                 value = calibration_summary(value)
             config[key] = copy.deepcopy(value)
+        config[WRITER_FIELD] = dict(WRITER)
         return config
 
     def __iter__(self):

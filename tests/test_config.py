@@ -9,6 +9,7 @@ import pytest
 from transformers import LlamaConfig
 from transformers.quantizers.auto import AutoQuantizationConfig
 
+import qwantize_hf
 from qwantize_hf import MXFP4Config
 from qwantize_hf.config import FORMAT_VERSION, QUANT_METHOD
 
@@ -34,6 +35,12 @@ def test_to_dict_is_the_config_json_entry():
         "calibration": None,
         "algorithm": "rtn",
         "gptq": None,
+        # what a reader without qwantize_hf needs to know
+        "quantizer": {
+            "package": "qwantize_hf",
+            "version": qwantize_hf.__version__,
+            "to_load": "pip install qwantize_hf, then import qwantize_hf before from_pretrained",
+        },
     }
     assert "dequantize" not in config.to_dict()  # a load-time request, not a property of the bytes
 

@@ -164,8 +164,26 @@ def test_write_model_card_next_to_saved_model(quantized_model, tmp_path):
     assert path.name == "README.md" and "qwantize_mxfp4" in path.read_text()
 
 
-def test_dequantized_model_pushes_no_mxfp4_card(quantized_model, fake_hub):
+def test_save_pretrained_writes_the_card_and_config_names_the_package(quantized_model, tmp_path):
+    # a checkpoint read without qwantize_hf must say what it needs: the card and config.json both do
+    quantized_model.save_pretrained(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pip install qwantize_hf" in card and "import qwantize_hf" in card
+    stored = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert stored["quantizer"]["package"] == "qwantize_hf" and "import qwantize_hf" in stored["quantizer"]["to_load"]
+    # a second save refreshes our own card; a README of the user's own is never overwritten
+    quantized_model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "README.md").read_text() == card
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("# my notes\n")
+    quantized_model.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "README.md").read_text() == "# my notes\n"
+
+
+def test_dequantized_model_pushes_no_mxfp4_card(quantized_model, fake_hub, tmp_path):
     quantized_model.dequantize()
+    quantized_model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()
     quantized_model.push_to_hub("me/tiny-plain")
     (files,) = fake_hub.commits
     assert "mxfp4" not in files["README.md"].decode()
