@@ -58,8 +58,9 @@ class MXFP4Config(QuantizationConfigMixin):
     Args:
         block_size: elements per scale along the input dimension, 32 (4.25 bits/weight) or 16 (4.5).
         scale_method: ``"mse"`` (least squared error, default), ``"naive"`` (OCP MX) or ``"even"``.
-        modules_to_not_convert: module names (or dotted suffixes of them) to keep unquantized;
-            ``None`` means ``lm_head`` plus the model's ``_keep_in_fp32_modules``.
+        modules_to_not_convert: module names (or dotted suffixes of them) to keep unquantized, in
+            addition to ``lm_head``, the model's ``_keep_in_fp32_modules`` and tied modules, which
+            always stay unquantized. config.json records the whole list the model was quantized with.
         dequantize: at load time, turn a quantized checkpoint back into a plain model of
             ``nn.Linear`` layers holding ``dequantize(quantize(W))``.
         base_model: the Hub id the weights were quantized from (filled in on load when known).

@@ -105,7 +105,9 @@ class MXFP4HfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         config = self.quantization_config
-        config.modules_to_not_convert = replace.resolve_modules_to_not_convert(model, config.modules_to_not_convert)
+        config.modules_to_not_convert = replace.resolve_modules_to_not_convert(
+            model, config.modules_to_not_convert, stored=self.pre_quantized
+        )
         if config.base_model is None and not self.pre_quantized:
             config.base_model = replace.hub_id_or_none(getattr(model.config, "name_or_path", None))
         if self.calibrates:

@@ -64,13 +64,18 @@ def tied_module_names(model: nn.Module) -> set[str]:
     return {name.rpartition(".")[0] for name in names if name.endswith(".weight")}
 
 
-def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None) -> list[str]:
-    """The user's list, or ``lm_head`` + ``_keep_in_fp32_modules``; plus every tied module."""
-    if requested is None:
-        keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
-        skip = [*DEFAULT_MODULES_TO_NOT_CONVERT, *keep_fp32]
-    else:
+def resolve_modules_to_not_convert(
+    model: nn.Module, requested: list[str] | None, *, stored: bool = False
+) -> list[str]:
+    """``lm_head`` + ``_keep_in_fp32_modules``, then the user's list (it adds to them), then every tied
+    module. ``stored``: ``requested`` is a checkpoint's record, the list it was quantized with, and is
+    taken as it is (plus tied modules): a record written before lists were additive may lack ``lm_head``
+    because that checkpoint stores ``lm_head`` quantized."""
+    if stored and requested is not None:
         skip = list(requested)
+    else:
+        keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+        skip = [*DEFAULT_MODULES_TO_NOT_CONVERT, *keep_fp32, *(requested or ())]
     skip += sorted(tied_module_names(model))
     return sorted(set(skip), key=skip.index)
 

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qwantize_hf import MXFP4Config, MXFP4Linear, dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf.config import WRITER
 from qwantize_hf.constants import BITS_PER_WEIGHT, F4_CODES_PER_BYTE
 from qwantize_hf.quantizer import MXFP4HfQuantizer
 from tests.tiny_models import (
@@ -171,6 +172,34 @@ def test_modules_to_not_convert_by_name(bf16_checkpoints):
     assert config.modules_to_not_convert == ["lm_head", "layers.1.mlp"]
 
 
+def test_a_users_list_adds_to_the_defaults(bf16_checkpoints, tmp_path):
+    # ["mlp"] must not quantize lm_head: the defaults stay, the user's names come on top
+    model = AutoModelForCausalLM.from_pretrained(
+        bf16_checkpoints["llama"], quantization_config=MXFP4Config(modules_to_not_convert=["mlp"])
+    )
+    assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, MXFP4Linear)
+    assert model.config.quantization_config.modules_to_not_convert == ["lm_head", "mlp"]
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(reloaded.lm_head) is nn.Linear and type(reloaded.model.layers[0].mlp.up_proj) is nn.Linear
+
+
+def test_a_stored_list_without_lm_head_still_loads_its_quantized_lm_head(bf16_checkpoints, tmp_path):
+    # a checkpoint written when a list replaced the defaults: its record is what it stores
+    model = AutoModelForCausalLM.from_pretrained(bf16_checkpoints["llama"], quantization_config=MXFP4Config())
+    head = MXFP4Linear.from_linear(model.lm_head, block_size=32)
+    model.lm_head = head
+    model.config.quantization_config.modules_to_not_convert = ["mlp.gate_proj"]
+    for layer in model.model.layers:  # the record's unquantized modules, stored in bf16
+        gate = layer.mlp.gate_proj
+        layer.mlp.gate_proj = nn.Linear(gate.in_features, gate.out_features, bias=False, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "old")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "old")
+    assert isinstance(reloaded.lm_head, MXFP4Linear) and torch.equal(reloaded.lm_head.weight, head.weight)
+    assert type(reloaded.model.layers[1].mlp.gate_proj) is nn.Linear
+
+
 def test_tied_lm_head_stays_unquantized(tmp_path):
     source = save_random_model(tied_llama_config(), tmp_path / "tied")
     config = MXFP4Config(modules_to_not_convert=[])
@@ -254,6 +283,7 @@ def test_save_writes_the_checkpoint_contract(bf16_checkpoints, mxfp4_checkpoints
         "calibration": None,
         "algorithm": "rtn",
         "gptq": None,
+        "quantizer": WRITER,  # the package a reader needs
     }
     reference = AutoModelForCausalLM.from_pretrained(bf16_checkpoints[family])
     with safe_open(folder / "model.safetensors", "pt") as stored:
