@@ -69,10 +69,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Midpoints between neighbouring E2M1 magnitudes. A value exactly on a midpoint
 # goes to the neighbour with the even index: up when the lower index is odd.
-_MIDPOINTS = [(lo + hi) / 2 for lo, hi in zip(F4_E2M1_VALUES, F4_E2M1_VALUES[1:])]
-_TIE_GOES_UP = [index % 2 == 1 for index in range(len(_MIDPOINTS))]
+E2M1_MIDPOINTS = tuple((lo + hi) / 2 for lo, hi in zip(F4_E2M1_VALUES, F4_E2M1_VALUES[1:]))
+E2M1_TIE_GOES_UP = tuple(index % 2 == 1 for index in range(len(E2M1_MIDPOINTS)))  # ties go to the even index
 # Below this, a scaled element rounds to zero (the first midpoint ties to 0).
-ROUNDS_TO_ZERO_BELOW = _MIDPOINTS[0]
+ROUNDS_TO_ZERO_BELOW = E2M1_MIDPOINTS[0]
 # torchao's EVEN rule: add half of the E2M1 mantissa's last place to amax's bits.
 EVEN_ROUNDING_ADD = 1 << (F32_MANTISSA_BITS - F4_E2M1_MANTISSA_BITS - 1)
 # An E2M1 magnitude r >= 1 with index m has float32 bits (m + 252) << 22: the
@@ -171,7 +171,7 @@ def pow2_of_scale_byte(e: torch.Tensor, negate: bool = False) -> torch.Tensor:
 def e2m1_magnitude_index(q: torch.Tensor) -> torch.Tensor:
     """Index 0..7 of the E2M1 magnitude nearest to ``q >= 0``; ties to even; saturates at 6."""
     index = torch.zeros(q.shape, dtype=torch.int32, device=q.device)
-    for midpoint, tie_goes_up in zip(_MIDPOINTS, _TIE_GOES_UP):
+    for midpoint, tie_goes_up in zip(E2M1_MIDPOINTS, E2M1_TIE_GOES_UP):
         index += (q >= midpoint) if tie_goes_up else (q > midpoint)
     return index
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_MAX_QUANTIZE
-from qwantize_hf.gptq import block_weights, gptq_quantize, inverse_hessian_factor
+from qwantize_hf.format import E2M1_MIDPOINTS, e2m1_magnitude_index
+from qwantize_hf.gptq import _BOUNDARIES, block_weights, gptq_quantize, inverse_hessian_factor, magnitude_index
 from qwantize_hf.sequential import gptq_sequential, linear_groups
 from tests.mx_values import adversarial, block_sse_f64
 
@@ -82,6 +83,20 @@ def test_dead_input_features_are_rounded_alone():
     q = dequantize_mxfp4(packed, scales, dtype=torch.float32)
     # the dead columns of the second block are still quantized (finite, on the grid), not dropped
     assert torch.isfinite(q).all() and q[:, 40:].abs().sum() > 0
+
+
+def test_one_launch_magnitude_index_is_the_formats():
+    # every midpoint, the float32 values either side of it, zero, tiny, huge and random values
+    midpoints = torch.tensor(E2M1_MIDPOINTS)
+    q = torch.cat([
+        midpoints,
+        torch.nextafter(midpoints, torch.tensor(float("inf"))),
+        torch.nextafter(midpoints, torch.tensor(0.0)),
+        torch.tensor([0.0, 1e-45, 1e-30, 5.999, 6.0, 6.5, 1e30, float("inf")]),
+        torch.rand(4096, generator=torch.Generator().manual_seed(10)) * 8,
+    ])  # fmt: skip
+    boundaries = torch.tensor(_BOUNDARIES, dtype=torch.float32)
+    assert torch.equal(magnitude_index(q, boundaries), e2m1_magnitude_index(q))
 
 
 def test_bad_hessians():
