@@ -44,12 +44,18 @@ FORMAT_VERSION = 1
 # was used, marked `calibrated: true`; that record is what config.json holds.
 CALIBRATION_DEFAULTS = {"calibration_tokens": 32768, "calibration_seq_len": 1024}
 CALIBRATION_KEYS = ("dataset", "tokenizer", *CALIBRATION_DEFAULTS)
-# GPTQ's settings (algorithm="gptq"): the damping added to the Hessian's diagonal, as a share of
-# its mean; columns in order of decreasing Hessian diagonal; each group of a layer's Linears
-# calibrated on inputs that carry the error of the groups before it.
 # from_dict's private keyword: the config.json fields this version does not know.
 _FROM_CONFIG_JSON = "_unknown_config_json_fields"
-GPTQ_DEFAULTS = {"damping": 0.01, "act_order": True, "true_sequential": False}  # sequential.gptq_sequential's
+# GPTQ's settings (algorithm="gptq"): the damping added to the Hessian's diagonal, as a share of
+# its mean; columns in order of decreasing Hessian diagonal; each group of a layer's Linears
+# calibrated on inputs that carry the error of the groups before it; each decoder layer's norm
+# weights fitted to the float layer's outputs after it is quantized.
+GPTQ_DEFAULTS = {  # sequential.gptq_sequential's
+    "damping": 0.01,
+    "act_order": True,
+    "true_sequential": False,
+    "tune_norms": True,
+}
 
 
 class MXFP4Config(QuantizationConfigMixin):
@@ -78,9 +84,12 @@ class MXFP4Config(QuantizationConfigMixin):
             quantized layers before them. ``"gptq"`` needs ``calibration``.
         gptq: GPTQ's settings, a dict with ``damping`` (share of the Hessian's mean diagonal
             added to it, default 0.01), ``act_order`` (columns in order of decreasing Hessian
-            diagonal, default True) and ``true_sequential`` (each group of a layer's Linears
+            diagonal, default True), ``true_sequential`` (each group of a layer's Linears
             calibrated after the groups before it are quantized, default False: one
-            calibration pass a layer).
+            calibration pass a layer) and ``tune_norms`` (default True: after each decoder
+            layer is quantized, its normalization weights, which stay bf16, are fitted so its
+            outputs on the quantized model's hidden states match the float layer's on the
+            float model's; see ``qwantize_hf.sequential``).
         format_version: the checkpoint layout version; a checkpoint from a newer layout is refused.
     """
 
@@ -205,7 +214,7 @@ class MXFP4Config(QuantizationConfigMixin):
         damping = self.gptq["damping"]
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < 1:
             raise ValueError(f"gptq['damping'] must be a number in (0, 1), e.g. 0.01, got {damping!r}")
-        for key in ("act_order", "true_sequential"):
+        for key in ("act_order", "true_sequential", "tune_norms"):
             if not isinstance(self.gptq[key], bool):
                 raise TypeError(f"gptq[{key!r}] must be True or False, got {self.gptq[key]!r}")
 

@@ -188,6 +188,7 @@ class MXFP4HfQuantizer(HfQuantizer):
                 damping=config.gptq["damping"],
                 act_order=config.gptq["act_order"],
                 true_sequential=config.gptq["true_sequential"],
+                tune_norms=config.gptq["tune_norms"],
                 progress=logger.info,
             )
             for name, (packed, scales) in quantized.items():

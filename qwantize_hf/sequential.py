@@ -14,18 +14,29 @@ The pipeline:
    turns each weight into MXFP4; the Linear then holds the dequantized weight, so the
    next group's inputs already carry this group's error. The fully quantized layer
    then runs once more, and its outputs are the next layer's inputs.
-3. The layer goes back where it was (the CPU, for a model loaded there).
+3. With ``tune_norms`` (the default), the layer's normalization weights (its RMSNorm /
+   LayerNorm modules; bf16 like the rest of the checkpoint, never quantized) are then
+   fitted so that the quantized layer, on its quantized inputs, gives the outputs the
+   *float* layer gives on the float model's inputs: Adam on float32 copies, two passes
+   over the calibration sequences, one sequence a step, least relative squared error.
+   That is Norm Tweaking (Li et al., AAAI 2024) with GPTQ: a handful of parameters per
+   layer (so nothing to overfit) that let each layer correct the error the quantized
+   layers before it left, which GPTQ's own least squares cannot (its target is the layer's
+   output on the *quantized* inputs). A float copy of the layer and the float model's
+   hidden states are kept for it.
+4. The layer goes back where it was (the CPU, for a model loaded there).
 
-Peak memory on the compute device: one decoder layer in its float dtype, its Hessians
-(float32, ``in_features^2`` each for the group at hand), and the calibration hidden
-states (two copies, inputs and outputs: ``sequences x seq_len x hidden`` in the
-model's dtype). Linears outside the decoder layers (``lm_head``) are not quantized
-here. The result is a dict ``name -> (packed, scales)``; swapping modules is
-``replace.py``'s job.
+Peak memory on the compute device: one decoder layer in its float dtype (two with
+``tune_norms``: the float copy), its Hessians (float32, ``in_features^2`` each for the
+group at hand), and the calibration hidden states (two copies, inputs and outputs:
+``sequences x seq_len x hidden`` in the model's dtype; four with ``tune_norms``).
+Linears outside the decoder layers (``lm_head``) are not quantized here. The result is a
+dict ``name -> (packed, scales)``; swapping modules is ``replace.py``'s job.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -192,6 +203,77 @@ def _hessians(
     return {name: means[owner[name]] for name in group}
 
 
+NORM_TUNING_EPOCHS = 2  # passes over the calibration sequences, one sequence a step
+NORM_TUNING_LR = 1e-3  # Adam's learning rate on the float32 copies of the norm weights
+
+
+def _trainable(value: Any) -> Any:
+    """A copy that autograd may save: the hidden states and keyword arguments were made under inference_mode."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_trainable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _trainable(v) for k, v in value.items()}
+    return value
+
+
+def norm_parameters(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of the layer's normalization modules (any module whose class name has "Norm")."""
+    return {
+        f"{module_name}.{name}" if module_name else name: parameter
+        for module_name, module in layer.named_modules()
+        if "Norm" in type(module).__name__
+        for name, parameter in module.named_parameters(recurse=False)
+    }
+
+
+def fit_norms(
+    layer: nn.Module,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    targets: list[torch.Tensor],
+    epochs: int = NORM_TUNING_EPOCHS,
+    lr: float = NORM_TUNING_LR,
+) -> tuple[float, float]:
+    """Fit the layer's norm weights so that ``layer(inputs[i])`` approaches ``targets[i]``: Adam on float32
+    copies, ``epochs`` passes, one sequence a step, loss ``|out - target|^2 / |target|^2``. Every other
+    parameter stays as it is. Returns the mean loss over the sequences before and after."""
+    norms = norm_parameters(layer)
+    if not norms or not inputs:
+        return 0.0, 0.0
+    fixed = {name: parameter.detach() for name, parameter in layer.named_parameters()}
+    masters = {name: p.detach().to(torch.float32).clone().requires_grad_(True) for name, p in norms.items()}
+    optimizer = torch.optim.Adam(masters.values(), lr=lr)
+
+    def loss_of(hidden: torch.Tensor, kwargs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
+        weights = {**fixed, **{name: master.to(norms[name].dtype) for name, master in masters.items()}}
+        out = torch.func.functional_call(layer, weights, (hidden,), kwargs)
+        out = (out[0] if isinstance(out, tuple) else out).to(torch.float32)
+        target = target.to(torch.float32)
+        return (out - target).square().sum() / target.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(h, kw, t)) for (h, kw), t in zip(inputs, targets)) / len(inputs)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = [(_trainable(hidden), _trainable(kwargs)) for hidden, kwargs in inputs]
+        targets = [_trainable(target) for target in targets]
+        before = mean_loss()
+        for _ in range(epochs):
+            for (hidden, kwargs), target in zip(inputs, targets):
+                optimizer.zero_grad(set_to_none=True)
+                loss_of(hidden, kwargs, target).backward()
+                optimizer.step()
+        after = mean_loss()
+        if after < before:  # never leave the layer worse on its own calibration data
+            for name, master in masters.items():
+                norms[name].data.copy_(master.detach())
+        else:
+            after = before
+    return before, after
+
+
 @torch.no_grad()
 def gptq_sequential(
     model: nn.Module,
@@ -203,6 +285,7 @@ def gptq_sequential(
     damping: float = DEFAULT_DAMPING,
     act_order: bool = True,
     true_sequential: bool = False,
+    tune_norms: bool = True,
     device: torch.device | None = None,
     input_device: torch.device | None = None,
     progress: Callable[[str], None] | None = None,
@@ -216,7 +299,8 @@ def gptq_sequential(
     before it (one pass of the layer per group); False calibrates every Linear of a layer
     on one pass with the layer unquantized (faster, usually a little less accurate). The named Linears'
     weights are left holding their dequantized MXFP4 values (the caller swaps them for
-    MXFP4 modules); nothing else in the model changes.
+    MXFP4 modules). ``tune_norms``: the decoder layers' normalization weights are fitted after
+    each layer is quantized (see the module docstring); otherwise nothing else in the model changes.
     """
     names = list(module_names)
     if not names:
@@ -238,6 +322,7 @@ def gptq_sequential(
         input_device = torch.device("cpu") if weight is None or weight.device.type == "meta" else weight.device
     inputs = capture_first_layer_inputs(model, layers[0], sequences, input_device)
     inputs = [(hidden.to(device), _to(kwargs, device)) for hidden, kwargs in inputs]
+    float_inputs = list(inputs) if tune_norms else None  # the float model's hidden states
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     start = time.perf_counter()
     for index, layer in enumerate(layers):
@@ -246,6 +331,8 @@ def gptq_sequential(
         home = next(layer.parameters()).device
         layer.to(device)
         groups = linear_groups(layer, local, inputs, device) if local else []
+        # the float layer: a copy when this one is about to change, else the layer itself
+        float_layer = (copy.deepcopy(layer) if local else layer) if tune_norms else None
         for position, group in enumerate(groups):
             if true_sequential or position == 0:
                 # true_sequential: each group's inputs are recomputed with the groups before it quantized;
@@ -260,11 +347,26 @@ def gptq_sequential(
                 )  # fmt: skip
                 linear.weight.copy_(dequantize_mxfp4(packed, scales, block_size=block_size, dtype=linear.weight.dtype))
                 results[local[local_name]] = (packed.cpu(), scales.cpu())
+        tuned = ""
+        if float_layer is not None:
+            float_outputs = _run_layer(float_layer, float_inputs, device)
+            del float_layer
+            if local:
+                before, after = fit_norms(layer, inputs, float_outputs)
+                tuned = f", norms tuned: error vs float {before:.2e} -> {after:.2e}"
+            float_inputs = [(out, kwargs) for out, (_, kwargs) in zip(float_outputs, float_inputs)]
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs, device), inputs)]
         layer.to(home)
         if progress is not None:
-            progress(f"GPTQ layer {index + 1}/{len(layers)} ({time.perf_counter() - start:.0f} s)")
+            progress(f"GPTQ layer {index + 1}/{len(layers)} ({time.perf_counter() - start:.0f} s{tuned})")
     return results
 
 
-__all__ = ["capture_first_layer_inputs", "decoder_layers", "gptq_sequential", "linear_groups"]
+__all__ = [
+    "capture_first_layer_inputs",
+    "decoder_layers",
+    "gptq_sequential",
+    "linear_groups",
+    "norm_parameters",
+    "fit_norms",
+]

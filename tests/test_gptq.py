@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_MAX_QUANTIZE
 from qwantize_hf.format import E2M1_MIDPOINTS, e2m1_magnitude_index
 from qwantize_hf.gptq import _BOUNDARIES, block_weights, gptq_quantize, inverse_hessian_factor, magnitude_index
-from qwantize_hf.sequential import gptq_sequential, linear_groups
+from qwantize_hf.sequential import gptq_sequential, linear_groups, norm_parameters
 from tests.mx_values import adversarial, block_sse_f64
 
 
@@ -143,6 +145,18 @@ class TinyLM(nn.Module):
         return hidden
 
 
+class NormBlock(Block):
+    """Block with a LayerNorm in front of its projections, as decoder layers have."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, hidden, scale=None):
+        x = self.norm(hidden)
+        return hidden + self.down(torch.tanh(self.gate(x)) * self.up(x)) * scale
+
+
 def tiny_lm(seed: int = 0) -> TinyLM:
     torch.manual_seed(seed)
     return TinyLM()
@@ -162,7 +176,8 @@ def test_groups_follow_the_forward_and_shared_inputs():
 def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before():
     names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
     model = tiny_lm()
-    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
+    # tune_norms off: the replay below sets only the earlier layers' weights
+    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"), tune_norms=False)
     assert sorted(results) == sorted(names)
     # Replay: the Hessian of layer 2's inputs must come from layers 0-1 holding their MXFP4 weights.
     # Quantizing layer 2 alone on a copy whose earlier layers are quantized the same way gives the same
@@ -172,7 +187,9 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before(
         if earlier_quantized:
             for name in names[:6]:
                 replay.get_submodule(name).weight.data = dequantize_mxfp4(*results[name], dtype=torch.float32)
-        again = gptq_sequential(replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"))
+        again = gptq_sequential(
+            replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"), tune_norms=False
+        )
         same = all(torch.equal(again[n][0], results[n][0]) and torch.equal(again[n][1], results[n][1])
                    for n in names[6:])
         assert same == earlier_quantized
@@ -196,3 +213,26 @@ def test_a_linear_off_the_forward_path_is_a_clear_error():
     names = ["layers.0.gate", "layers.1.unused"]
     with pytest.raises(RuntimeError, match="saw no input during calibration.*layers.1.unused"):
         gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
+
+
+def test_tuned_norms_bring_the_quantized_model_closer_to_the_float_one():
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
+    float_model = tiny_lm()
+    float_model.layers = nn.ModuleList(NormBlock(32) for _ in range(3))
+    with torch.no_grad():
+        target = torch.stack([float_model(ids[None]) for ids in sequences()])
+    errors, norms, layer_0 = {}, {}, {}
+    for tuned in (False, True):
+        model = copy.deepcopy(float_model)
+        cpu = torch.device("cpu")
+        results = gptq_sequential(model, sequences(), names, block_size=32, device=cpu, tune_norms=tuned)
+        with torch.no_grad():
+            errors[tuned] = float((torch.stack([model(ids[None]) for ids in sequences()]) - target).square().sum())
+        norms[tuned] = [layer.norm.weight.detach().clone() for layer in model.layers]
+        layer_0[tuned] = [results[name][0] for name in names[:3]]
+    # layer 0 is quantized before anything is tuned: the same bytes either way
+    assert all(torch.equal(a, b) for a, b in zip(layer_0[False], layer_0[True]))
+    # only the norms moved, and the model's output on its calibration data came closer to the float model's
+    assert all(not torch.equal(a, b) for a, b in zip(norms[False], norms[True]))
+    assert errors[True] < errors[False]
+    assert sorted(norm_parameters(float_model.layers[0])) == ["norm.bias", "norm.weight"]
