@@ -378,6 +378,8 @@ def check_stored_scales(model: nn.Module) -> None:
         scales = getattr(module, scales_name)
         if scales.device.type == "meta":
             continue
+        if scales.numel() == 0 or int(scales.max()) != E8M0_NAN:  # a max is 3x faster than == and any
+            continue
         bad = scales == E8M0_NAN
         if bool(bad.any()):
             first = [int(i) for i in bad.nonzero()[0]]

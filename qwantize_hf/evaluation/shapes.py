@@ -1,6 +1,7 @@
-"""Llama architectures the GPU scripts build from config (random weights, nothing downloaded).
+"""Llama architectures the benchmark scripts build from config (random weights, nothing downloaded).
 
-Values from the models' config.json files (meta-llama/Llama-3.2-1B, meta-llama/Meta-Llama-3-8B).
+Values from the models' config.json files (meta-llama/Llama-3.2-1B, meta-llama/Meta-Llama-3-8B);
+``110m`` is a small Llama of about 110M parameters (untied embeddings) for CPU timings.
 """
 
 _LLAMA_3_COMMON = dict(
@@ -41,4 +42,15 @@ LLAMA_3_8B = dict(
     tie_word_embeddings=False,
 )
 
-CONFIGS = {"1b": LLAMA_3_2_1B, "8b": LLAMA_3_8B}
+LLAMA_110M = dict(
+    vocab_size=16000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+CONFIGS = {"110m": LLAMA_110M, "1b": LLAMA_3_2_1B, "8b": LLAMA_3_8B}

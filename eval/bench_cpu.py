@@ -1,0 +1,111 @@
+"""CPU cost of MXFP4 against bf16: one forward pass and one load, for a ~110M-parameter Llama.
+
+    python eval/bench_cpu.py                      # 1 torch thread, 128 tokens, random weights
+    python eval/bench_cpu.py --threads 2 --tokens 512 --repeats 9
+
+Builds the model from a config (random weights, nothing downloaded), saves it in bf16,
+and times, in one process and in alternation:
+
+- ``load``: ``from_pretrained`` of the bf16 checkpoint as it is, and with
+  ``MXFP4Config()`` (quantize-on-load), and of the saved MXFP4 checkpoint;
+- ``forward``: one forward of ``--tokens`` tokens (batch 1, no grad) of the bf16 model and
+  of the MXFP4 model.
+
+Prints a Markdown table of medians and the MXFP4 / bf16 ratios; ``--json`` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import qwantize_hf
+    from qwantize_hf.evaluation.shapes import CONFIGS
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        bf16_dir, mx_dir = Path(tmp) / "bf16", Path(tmp) / "mxfp4"
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIGS["110m"]), dtype=torch.bfloat16)
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(bf16_dir)
+        del model
+        AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=qwantize_hf.MXFP4Config()).save_pretrained(
+            mx_dir
+        )
+
+        def load(folder, **kwargs):
+            return lambda: AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+        loads = {
+            "bf16": load(bf16_dir, dtype=torch.bfloat16),
+            "quantize-on-load": load(bf16_dir, quantization_config=qwantize_hf.MXFP4Config()),
+            "mxfp4 checkpoint": load(mx_dir),
+        }
+        load_times = {name: median_time(fn, args.repeats) for name, fn in loads.items()}
+
+        models = {"bf16": loads["bf16"](), "mxfp4": loads["mxfp4 checkpoint"]()}
+        ids = torch.randint(0, CONFIGS["110m"]["vocab_size"], (1, args.tokens))
+
+        def forward(model):
+            def run():
+                with torch.no_grad():
+                    model(ids)
+
+            return run
+
+        for model in models.values():
+            forward(model)()  # warm-up
+        forward_times = {name: median_time(forward(model), args.repeats) for name, model in models.items()}
+
+    results = {
+        "parameters": params,
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "load_s": load_times,
+        "forward_s": forward_times,
+        "forward_ratio": forward_times["mxfp4"] / forward_times["bf16"],
+        "quantize_on_load_ratio": load_times["quantize-on-load"] / load_times["bf16"],
+        "mxfp4_load_ratio": load_times["mxfp4 checkpoint"] / load_times["bf16"],
+    }
+    print(f"Llama, {params / 1e6:.0f}M parameters, {args.threads} thread(s), {args.tokens} tokens, "
+          f"medians of {args.repeats}\n")
+    print("| what | bf16 (s) | MXFP4 (s) | MXFP4 / bf16 |\n|---|---:|---:|---:|")
+    print(f"| forward | {forward_times['bf16']:.3f} | {forward_times['mxfp4']:.3f} | {results['forward_ratio']:.2f}× |")
+    for name in ("quantize-on-load", "mxfp4 checkpoint"):
+        ratio = load_times[name] / load_times["bf16"]
+        print(f"| load ({name}) | {load_times['bf16']:.3f} | {load_times[name]:.3f} | {ratio:.2f}× |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
