@@ -23,7 +23,8 @@ The pipeline:
    layer (so nothing to overfit) that let each layer correct the error the quantized
    layers before it left, which GPTQ's own least squares cannot (its target is the layer's
    output on the *quantized* inputs). A float copy of the layer and the float model's
-   hidden states are kept for it.
+   hidden states are kept for it. After the last layer the model's final norm (``model.norm``)
+   is fitted the same way, to the float model's final normalized hidden states.
 4. The layer goes back where it was (the CPU, for a model loaded there).
 
 Peak memory on the compute device: one decoder layer in its float dtype (two with
@@ -359,7 +360,34 @@ def gptq_sequential(
         layer.to(home)
         if progress is not None:
             progress(f"GPTQ layer {index + 1}/{len(layers)} ({time.perf_counter() - start:.0f} s{tuned})")
+    final_norm = final_norm_of(model, layers_name)
+    if tune_norms and final_norm is not None:
+        # the last layer's error reaches the LM head through the final norm: fit it the same way
+        home = next(final_norm.parameters()).device
+        final_norm.to(device)
+        targets = [out for out in _run_module(final_norm, float_inputs)]
+        before, after = fit_norms(final_norm, [(hidden, {}) for hidden, _ in inputs], targets)
+        final_norm.to(home)
+        if progress is not None:
+            progress(f"GPTQ final norm tuned: error vs float {before:.2e} -> {after:.2e}")
     return results
+
+
+def final_norm_of(model: nn.Module, layers_name: str) -> nn.Module | None:
+    """The normalization module beside the decoder layers (``model.norm`` in a Llama), applied to the
+    last layer's output; None when the model has none there or it has no parameters."""
+    parent_name = layers_name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for name in ("norm", "final_layernorm", "final_layer_norm", "ln_f"):
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module) and "Norm" in type(module).__name__ and any(True for _ in module.parameters()):
+            return module
+    return None
+
+
+def _run_module(module: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [module(hidden) for hidden, _ in inputs]
 
 
 __all__ = [
@@ -368,5 +396,6 @@ __all__ = [
     "gptq_sequential",
     "linear_groups",
     "norm_parameters",
+    "final_norm_of",
     "fit_norms",
 ]

@@ -12,7 +12,7 @@ from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_MAX_QUANTIZE
 from qwantize_hf.format import E2M1_MIDPOINTS, e2m1_magnitude_index
 from qwantize_hf.gptq import _BOUNDARIES, block_weights, gptq_quantize, inverse_hessian_factor, magnitude_index
-from qwantize_hf.sequential import gptq_sequential, linear_groups, norm_parameters
+from qwantize_hf.sequential import final_norm_of, gptq_sequential, linear_groups, norm_parameters
 from tests.mx_values import adversarial, block_sse_f64
 
 
@@ -236,3 +236,26 @@ def test_tuned_norms_bring_the_quantized_model_closer_to_the_float_one():
     assert all(not torch.equal(a, b) for a, b in zip(norms[False], norms[True]))
     assert errors[True] < errors[False]
     assert sorted(norm_parameters(float_model.layers[0])) == ["norm.bias", "norm.weight"]
+
+
+class NormedLM(TinyLM):
+    """TinyLM with norms in its layers and a final norm after them, as a Llama has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(NormBlock(32) for _ in range(3))
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, input_ids, use_cache=False):
+        return self.norm(super().forward(input_ids))
+
+
+def test_the_final_norm_is_found_and_tuned_too():
+    torch.manual_seed(1)
+    model = NormedLM()
+    assert final_norm_of(model, "layers") is model.norm
+    assert final_norm_of(tiny_lm(), "layers") is None
+    before = model.norm.weight.detach().clone()
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
+    gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
+    assert not torch.equal(model.norm.weight, before)
