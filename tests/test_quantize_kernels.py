@@ -15,6 +15,7 @@ from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.format import dequantize_blocks_torch, max_scale_byte, normalize_mse_weights, quantize_blocks_torch
 from qwantize_hf.kernels.dequantize import dequantize_triton
 from qwantize_hf.kernels.quantize import quantize_triton
+from qwantize_hf.ops import dequantize_blocks_lut
 from tests.conftest import KERNEL_DEVICE
 from tests.mx_values import adversarial
 
@@ -288,3 +289,23 @@ def test_max_byte_caps_a_wider_weight_for_a_narrower_dtype():
     for bad in (253, -1, 140.0, True):
         with pytest.raises(ValueError, match="max_byte must be an int"):
             quantize_mxfp4(x, max_byte=bad, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [32, 16])
+def test_table_dequantize_gives_the_twins_numbers(block_size, dtype):
+    # every byte of codes and of scales, 0 (2**-127), 254 (2**127: 6 * 2**127 overflows) and 255 (NaN)
+    generator = torch.Generator().manual_seed(11)
+    packed = torch.cat(
+        [
+            torch.arange(256, dtype=torch.uint8).view(8, 32),
+            torch.randint(0, 256, (8, 32), dtype=torch.uint8, generator=generator),
+        ]
+    )
+    scales = torch.arange(256, dtype=torch.uint8)[: 16 * 64 // block_size].view(16, 64 // block_size)
+    scales[0, 0], scales[1, 0], scales[2, 0] = 0, 254, 255
+    expected = dequantize_blocks_torch(packed, scales, block_size, dtype)
+    got = dequantize_blocks_lut(packed, scales, block_size, dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.isnan(), expected.isnan()) and bool(got.isinf().any()) == bool(expected.isinf().any())
