@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -267,6 +267,16 @@ def _stored_tensor_present(module: nn.Module, tensor_name: str) -> bool:
     return True
 
 
+def stored_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(module name, module, tensor name)`` of every tensor an MXFP4 module of ``model`` stores
+    (packed codes, then scales), in module order."""
+    for name, module in model.named_modules():
+        kind = mxfp4_kind(module)
+        if kind is not None:
+            for tensor_name in kind.stored_tensors:
+                yield name, module, tensor_name
+
+
 def check_stored_tensors_loaded(model: nn.Module) -> None:
     """Raise when an MXFP4 checkpoint lacked a layer's codes or scales.
 
@@ -277,9 +287,7 @@ def check_stored_tensors_loaded(model: nn.Module) -> None:
     """
     missing = [
         f"{name}.{tensor_name}"
-        for name, module in model.named_modules()
-        if mxfp4_kind(module) is not None
-        for tensor_name in mxfp4_kind(module).stored_tensors
+        for name, module, tensor_name in stored_tensors(model)
         if not _stored_tensor_present(module, tensor_name)
     ]
     if missing:
@@ -322,44 +330,36 @@ def match_stored_dtypes(model: nn.Module, checkpoint_files: Iterable[str] | None
     if not stored:
         return
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    for name, module in model.named_modules():
-        kind = mxfp4_kind(module)
-        if kind is None:
+    for name, module, tensor_name in stored_tensors(model):
+        key = f"{name}.{tensor_name}"
+        # a checkpoint saved from the bare base model lacks the prefix the task model adds
+        dtype = stored.get(key, stored.get(key[len(prefix) :]) if key.startswith(prefix) else None)
+        if dtype is None or dtype == "U8":
             continue
-        for tensor_name in kind.stored_tensors:
-            key = f"{name}.{tensor_name}"
-            # a checkpoint saved from the bare base model lacks the prefix the task model adds
-            dtype = stored.get(key, stored.get(key[len(prefix) :]) if key.startswith(prefix) else None)
-            if dtype is None or dtype == "U8":
-                continue
-            if dtype not in STORED_BYTE_DTYPES:
-                raise ValueError(
-                    f"the checkpoint stores {key} as {dtype}, but MXFP4 codes and scales are bytes (uint8; int8 "
-                    "and float8_e8m0fnu are read as their bytes); a cast would change their values. Re-save it "
-                    "with save_pretrained, or store tensor.view(torch.uint8) of the original bytes"
-                )
-            placeholder = getattr(module, tensor_name)
-            empty = torch.empty(placeholder.shape, dtype=STORED_BYTE_DTYPES[dtype], device=placeholder.device)
-            setattr(module, tensor_name, nn.Parameter(empty, requires_grad=False))
+        if dtype not in STORED_BYTE_DTYPES:
+            raise ValueError(
+                f"the checkpoint stores {key} as {dtype}, but MXFP4 codes and scales are bytes (uint8; int8 "
+                "and float8_e8m0fnu are read as their bytes); a cast would change their values. Re-save it "
+                "with save_pretrained, or store tensor.view(torch.uint8) of the original bytes"
+            )
+        placeholder = getattr(module, tensor_name)
+        empty = torch.empty(placeholder.shape, dtype=STORED_BYTE_DTYPES[dtype], device=placeholder.device)
+        setattr(module, tensor_name, nn.Parameter(empty, requires_grad=False))
 
 
 def view_stored_bytes(model: nn.Module) -> None:
     """After loading: codes or scales that arrived as int8 / float8_e8m0fnu become the uint8 view of
     the same bytes (``match_stored_dtypes`` let them load uncast)."""
-    for name, module in model.named_modules():
-        kind = mxfp4_kind(module)
-        if kind is None:
+    for name, module, tensor_name in stored_tensors(model):
+        tensor = getattr(module, tensor_name)
+        if tensor.dtype == torch.uint8:
             continue
-        for tensor_name in kind.stored_tensors:
-            tensor = getattr(module, tensor_name)
-            if tensor.dtype == torch.uint8:
-                continue
-            if tensor.device.type == "meta":
-                raise ValueError(
-                    f"{name}.{tensor_name} is stored as {tensor.dtype} and offloaded; offloaded layers need "
-                    "uint8 bytes in the checkpoint: re-save it with save_pretrained, or load it without offloading"
-                )
-            setattr(module, tensor_name, nn.Parameter(tensor.detach().view(torch.uint8), requires_grad=False))
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"{name}.{tensor_name} is stored as {tensor.dtype} and offloaded; offloaded layers need "
+                "uint8 bytes in the checkpoint: re-save it with save_pretrained, or load it without offloading"
+            )
+        setattr(module, tensor_name, nn.Parameter(tensor.detach().view(torch.uint8), requires_grad=False))
 
 
 def check_stored_scales(model: nn.Module) -> None:
@@ -376,17 +376,15 @@ def check_stored_scales(model: nn.Module) -> None:
             continue
         scales_name = kind.stored_tensors[-1]
         scales = getattr(module, scales_name)
-        if scales.device.type == "meta":
-            continue
-        if scales.numel() == 0 or int(scales.max()) != E8M0_NAN:  # a max is 3x faster than == and any
+        # 255 is the largest byte: a max (3x faster than == and any) finds whether there is one
+        if scales.device.type == "meta" or scales.numel() == 0 or int(scales.max()) != E8M0_NAN:
             continue
         bad = scales == E8M0_NAN
-        if bool(bad.any()):
-            first = [int(i) for i in bad.nonzero()[0]]
-            raise ValueError(
-                f"{name}.{scales_name} holds {int(bad.sum())} scale byte(s) 255, which no quantizer writes (NaN "
-                f"in UE8M0), first at block {first}: the checkpoint is corrupt. Re-download or re-save it"
-            )
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"{name}.{scales_name} holds {int(bad.sum())} scale byte(s) 255, which no quantizer writes (NaN "
+            f"in UE8M0), first at block {first}: the checkpoint is corrupt. Re-download or re-save it"
+        )
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
