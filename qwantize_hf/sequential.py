@@ -103,16 +103,21 @@ def capture_first_layer_inputs(
     return captured
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_map_tensors(v, fn) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [_map_tensors(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return _map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]], device: torch.device):
@@ -210,13 +215,7 @@ NORM_TUNING_LR = 1e-3  # Adam's learning rate on the float32 copies of the norm 
 
 def _trainable(value: Any) -> Any:
     """A copy that autograd may save: the hidden states and keyword arguments were made under inference_mode."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_trainable(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _trainable(v) for k, v in value.items()}
-    return value
+    return _map_tensors(value, torch.Tensor.clone)
 
 
 def norm_parameters(layer: nn.Module) -> dict[str, nn.Parameter]:
@@ -365,7 +364,7 @@ def gptq_sequential(
         # the last layer's error reaches the LM head through the final norm: fit it the same way
         home = next(final_norm.parameters()).device
         final_norm.to(device)
-        targets = [out for out in _run_module(final_norm, float_inputs)]
+        targets = _run_layer(final_norm, [(hidden, {}) for hidden, _ in float_inputs], device)
         before, after = fit_norms(final_norm, [(hidden, {}) for hidden, _ in inputs], targets)
         final_norm.to(home)
         if progress is not None:
@@ -383,11 +382,6 @@ def final_norm_of(model: nn.Module, layers_name: str) -> nn.Module | None:
         if isinstance(module, nn.Module) and "Norm" in type(module).__name__ and any(True for _ in module.parameters()):
             return module
     return None
-
-
-def _run_module(module: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        return [module(hidden) for hidden, _ in inputs]
 
 
 __all__ = [
