@@ -17,6 +17,8 @@ implementation runs too, so a bad shape fails at trace time with the same messag
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -70,16 +72,31 @@ def check_mxfp4_linear_args(
 def _reference(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
 ) -> torch.Tensor:
+    if packed.ndim > 2:
+        # each weight's F.linear on its own rows, so a stack rounds exactly as its weights alone do
+        return _each_weight(_reference, x, packed, scales, bias, block_size)
     weight = dequantize_mxfp4(packed, scales, block_size=block_size, dtype=x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
-    if packed.ndim == 2:
-        return F.linear(x, weight, bias)
-    # a stack: each weight's F.linear on its own rows, so a stack rounds exactly as its weights alone do
-    n, k = weight.shape[-2:]
-    count = weight.shape[:-2].numel()
-    flat_x, flat_w = x.reshape(count, x.shape[-2], k), weight.reshape(count, n, k)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def _each_weight(
+    one: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """``one(x[b], packed[b], scales[b], bias[b], block_size)`` for every weight ``b`` of a stack, stacked."""
+    n = packed.shape[-2]
+    count = packed.shape[:-2].numel()
+    flat_x = x.reshape(count, *x.shape[-2:])
+    flat_packed, flat_scales = packed.reshape(count, *packed.shape[-2:]), scales.reshape(count, *scales.shape[-2:])
     flat_bias = None if bias is None else bias.reshape(count, n)
-    outs = [F.linear(flat_x[i], flat_w[i], None if flat_bias is None else flat_bias[i]) for i in range(len(flat_w))]
+    outs = [
+        one(flat_x[i], flat_packed[i], flat_scales[i], None if flat_bias is None else flat_bias[i], block_size)
+        for i in range(count)
+    ]
     return torch.stack(outs).reshape(*x.shape[:-1], n) if outs else x.new_empty(*x.shape[:-1], n)
 
 
@@ -112,19 +129,9 @@ def _mxfp4_linear_cuda(
         # Above the decode sizes, dequantize + cuBLAS is faster than the fused prefill
         # kernel on the H100 at M >= 256 (eval/results/bench_matmul_h100.md; M = 64 is mixed).
         return _reference(x, packed, scales, bias, block_size)
-    if packed.ndim == 2:
-        return _fused(x, packed, scales, bias, block_size)
-    # a stack of weights: one fused call per weight, each on its own rows of x
-    n = packed.shape[-2]
-    count = packed.shape[:-2].numel()
-    flat_x = x.reshape(count, *x.shape[-2:])
-    flat_packed, flat_scales = packed.reshape(count, *packed.shape[-2:]), scales.reshape(count, *scales.shape[-2:])
-    flat_bias = None if bias is None else bias.reshape(count, n)
-    outs = [
-        _fused(flat_x[i], flat_packed[i], flat_scales[i], None if flat_bias is None else flat_bias[i], block_size)
-        for i in range(flat_packed.shape[0])
-    ]
-    return torch.stack(outs).reshape(*x.shape[:-1], n) if outs else x.new_empty(*x.shape[:-1], n)
+    if packed.ndim > 2:
+        return _each_weight(_fused, x, packed, scales, bias, block_size)  # one fused call per weight
+    return _fused(x, packed, scales, bias, block_size)
 
 
 def _fused(
