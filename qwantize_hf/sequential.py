@@ -18,19 +18,22 @@ The pipeline:
    LayerNorm modules; bf16 like the rest of the checkpoint, never quantized) are then
    fitted so that the quantized layer, on its quantized inputs, gives the outputs the
    *float* layer gives on the float model's inputs: Adam on float32 copies, two passes
-   over the calibration sequences, one sequence a step, least relative squared error.
+   over the calibration sequences, one sequence a step, least relative squared error (each
+   token's, averaged).
    That is Norm Tweaking (Li et al., AAAI 2024) with GPTQ: a handful of parameters per
    layer (so nothing to overfit) that let each layer correct the error the quantized
    layers before it left, which GPTQ's own least squares cannot (its target is the layer's
    output on the *quantized* inputs). A float copy of the layer and the float model's
    hidden states are kept for it. After the last layer the model's final norm (``model.norm``)
-   is fitted the same way, to the float model's final normalized hidden states.
+   is fitted the same way, with the LM head after it, to the float model's next-token
+   distributions (least KL divergence: what perplexity measures).
 4. The layer goes back where it was (the CPU, for a model loaded there).
 
 Peak memory on the compute device: one decoder layer in its float dtype (two with
 ``tune_norms``: the float copy), its Hessians (float32, ``in_features^2`` each for the
 group at hand), and the calibration hidden states (two copies, inputs and outputs:
-``sequences x seq_len x hidden`` in the model's dtype; four with ``tune_norms``).
+``sequences x seq_len x hidden`` in the model's dtype; four with ``tune_norms``). The final
+norm's fit adds the LM head and a few sequences' logits in float32 (``seq_len x vocab`` each).
 Linears outside the decoder layers (``lm_head``) are not quantized here. The result is a
 dict ``name -> (packed, scales)``; swapping modules is ``replace.py``'s job.
 """
@@ -185,14 +188,14 @@ def _hessians(
 
     def accumulate(local_name: str):
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            shares = last[0] is x
+            x = args[0]
+            shares = last[0] is x  # the very tensor the Linear before read (detach() would make a new one)
             owner.setdefault(local_name, last[1] if shares else local_name)
             if owner[local_name] != local_name:
                 return
             if not shares:
                 last[0], last[1] = x, local_name
-            flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
             product = flat.T @ flat
             sums[local_name] = product if local_name not in sums else sums[local_name] + product
             counts[local_name] += flat.shape[0]
@@ -201,7 +204,9 @@ def _hessians(
 
     handles = [layer.get_submodule(name).register_forward_pre_hook(accumulate(name)) for name in group]
     try:
-        _run_layer(layer, inputs, device)
+        for hidden, kwargs in inputs:
+            _run_layer(layer, [(hidden, kwargs)], device)
+            last[0] = None  # the next sequence's tensors are new ones
     finally:
         for handle in handles:
             handle.remove()
@@ -228,42 +233,61 @@ def norm_parameters(layer: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each token's ``|out - target|^2 / |target|^2``, averaged over the tokens. A sum over the whole
+    sequence would be ruled by the few tokens whose hidden states are orders of magnitude larger than
+    the rest (attention sinks); the next layer normalizes every token, so each counts the same."""
+    error = (out - target).square().sum(-1) / target.square().sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return error.mean()
+
+
+def kl_divergence(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens of KL(softmax(target) || softmax(out)): how far the next-token distribution
+    of logits ``out`` is from that of the float model's logits ``target``."""
+    target_log_p = torch.log_softmax(target, dim=-1)
+    return (target_log_p.exp() * (target_log_p - torch.log_softmax(out, dim=-1))).sum(-1).mean()
+
+
 def fit_norms(
     layer: nn.Module,
     inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-    targets: list[torch.Tensor],
+    targets: Sequence[torch.Tensor] | Callable[[int], torch.Tensor],
     epochs: int = NORM_TUNING_EPOCHS,
     lr: float = NORM_TUNING_LR,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = relative_error,
 ) -> tuple[float, float]:
-    """Fit the layer's norm weights so that ``layer(inputs[i])`` approaches ``targets[i]``: Adam on float32
-    copies, ``epochs`` passes, one sequence a step, loss ``|out - target|^2 / |target|^2``. Every other
+    """Fit the layer's norm weights so that ``layer(inputs[i])`` approaches ``targets[i]`` (a list, or a
+    function of ``i`` where the targets are too large to keep): Adam on float32 copies, ``epochs`` passes,
+    one sequence a step, ``loss(out, target)`` in float32 (default: ``relative_error``). Every other
     parameter stays as it is. Returns the mean loss over the sequences before and after."""
     norms = norm_parameters(layer)
     if not norms or not inputs:
         return 0.0, 0.0
+    target_of = targets if callable(targets) else targets.__getitem__
     fixed = {name: parameter.detach() for name, parameter in layer.named_parameters()}
     masters = {name: p.detach().to(torch.float32).clone().requires_grad_(True) for name, p in norms.items()}
     optimizer = torch.optim.Adam(masters.values(), lr=lr)
 
-    def loss_of(hidden: torch.Tensor, kwargs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
+    def loss_of(index: int) -> torch.Tensor:
+        hidden, kwargs = inputs[index]
         weights = {**fixed, **{name: master.to(norms[name].dtype) for name, master in masters.items()}}
         out = torch.func.functional_call(layer, weights, (hidden,), kwargs)
-        out = (out[0] if isinstance(out, tuple) else out).to(torch.float32)
-        target = target.to(torch.float32)
-        return (out - target).square().sum() / target.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+        out = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            target = target_of(index).to(torch.float32)
+        return loss(out.to(torch.float32), target)
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_of(h, kw, t)) for (h, kw), t in zip(inputs, targets)) / len(inputs)
+            return sum(float(loss_of(index)) for index in range(len(inputs))) / len(inputs)
 
     with torch.inference_mode(False), torch.enable_grad():
         inputs = [(_trainable(hidden), _trainable(kwargs)) for hidden, kwargs in inputs]
-        targets = [_trainable(target) for target in targets]
         before = mean_loss()
         for _ in range(epochs):
-            for (hidden, kwargs), target in zip(inputs, targets):
+            for index in range(len(inputs)):
                 optimizer.zero_grad(set_to_none=True)
-                loss_of(hidden, kwargs, target).backward()
+                loss_of(index).backward()
                 optimizer.step()
         after = mean_loss()
         if after < before:  # never leave the layer worse on its own calibration data
@@ -361,15 +385,63 @@ def gptq_sequential(
             progress(f"GPTQ layer {index + 1}/{len(layers)} ({time.perf_counter() - start:.0f} s{tuned})")
     final_norm = final_norm_of(model, layers_name)
     if tune_norms and final_norm is not None:
-        # the last layer's error reaches the LM head through the final norm: fit it the same way
-        home = next(final_norm.parameters()).device
-        final_norm.to(device)
-        targets = _run_layer(final_norm, [(hidden, {}) for hidden, _ in float_inputs], device)
-        before, after = fit_norms(final_norm, [(hidden, {}) for hidden, _ in inputs], targets)
-        final_norm.to(home)
+        before, after, measure = fit_final_norm(model, final_norm, inputs, float_inputs, device)
         if progress is not None:
-            progress(f"GPTQ final norm tuned: error vs float {before:.2e} -> {after:.2e}")
+            progress(f"GPTQ final norm tuned: {measure} vs float {before:.2e} -> {after:.2e}")
     return results
+
+
+class _FinalLogits(nn.Module):
+    """The final norm followed by the LM head: the logits, for the final norm's fit."""
+
+    def __init__(self, norm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+
+def output_head_of(model: nn.Module) -> nn.Module | None:
+    """The model's LM head when it is a plain Linear with real weights (not on the meta device), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.device.type == "meta":
+        return None
+    return head
+
+
+def fit_final_norm(
+    model: nn.Module,
+    final_norm: nn.Module,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    float_inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    device: torch.device,
+) -> tuple[float, float, str]:
+    """Fit the final norm so that the quantized model's next-token distributions (its last layer's
+    outputs ``inputs`` through the norm and the LM head) approach the float model's (``float_inputs``
+    through the untouched norm and the same head): the KL divergence, the quantity perplexity
+    measures. Without a plain Linear head, the norm's output is fitted to the float one's instead.
+    Returns the loss before and after, and what it measures."""
+    home = next(final_norm.parameters()).device
+    final_norm.to(device)
+    hidden = [(h, {}) for h, _ in inputs]
+    head = output_head_of(model)
+    try:
+        if head is None:
+            targets = _run_layer(final_norm, [(h, {}) for h, _ in float_inputs], device)
+            return (*fit_norms(final_norm, hidden, targets), "error")
+        head_home = head.weight.device
+        float_logits = _FinalLogits(copy.deepcopy(final_norm), head).to(device)
+        try:
+            # the float logits are made a sequence at a time: all of them at once would not fit
+            def target(index: int) -> torch.Tensor:
+                return float_logits(float_inputs[index][0].to(device))
+
+            return (*fit_norms(_FinalLogits(final_norm, head), hidden, target, loss=kl_divergence), "KL")
+        finally:
+            head.to(head_home)
+    finally:
+        final_norm.to(home)
 
 
 def final_norm_of(model: nn.Module, layers_name: str) -> nn.Module | None:
@@ -391,5 +463,9 @@ __all__ = [
     "linear_groups",
     "norm_parameters",
     "final_norm_of",
+    "fit_final_norm",
     "fit_norms",
+    "kl_divergence",
+    "output_head_of",
+    "relative_error",
 ]

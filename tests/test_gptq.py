@@ -12,7 +12,16 @@ from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_MAX_QUANTIZE
 from qwantize_hf.format import E2M1_MIDPOINTS, e2m1_magnitude_index
 from qwantize_hf.gptq import _BOUNDARIES, block_weights, gptq_quantize, inverse_hessian_factor, magnitude_index
-from qwantize_hf.sequential import final_norm_of, gptq_sequential, linear_groups, norm_parameters
+from qwantize_hf.sequential import (
+    _hessians,
+    final_norm_of,
+    gptq_sequential,
+    kl_divergence,
+    linear_groups,
+    norm_parameters,
+    output_head_of,
+    relative_error,
+)
 from tests.mx_values import adversarial, block_sse_f64
 
 
@@ -166,6 +175,22 @@ def sequences(count: int = 4, length: int = 16) -> list[torch.Tensor]:
     return list(torch.randint(0, 50, (count, length), generator=torch.Generator().manual_seed(9)))
 
 
+def test_linears_that_read_one_input_share_one_hessian_equal_to_the_direct_sum():
+    torch.manual_seed(5)
+    layer = Block(32)
+    hidden = [torch.randn(1, 6, 32) for _ in range(2)]
+    got = _hessians(layer, ["gate", "up", "down"], [(h, {"scale": 0.5}) for h in hidden], torch.device("cpu"))
+    assert got["gate"] is got["up"]  # summed once, by the first of the two
+    seen = []
+    handle = layer.down.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for h in hidden:
+            layer(h, scale=0.5)
+    handle.remove()
+    for name, xs in (("gate", [h.reshape(-1, 32) for h in hidden]), ("down", seen)):
+        torch.testing.assert_close(got[name], sum(x.T @ x for x in xs) / 12, rtol=1e-5, atol=1e-6)
+
+
 def test_groups_follow_the_forward_and_shared_inputs():
     model = tiny_lm()
     hidden = model.embed(sequences()[0][None]).detach()
@@ -177,7 +202,8 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before(
     names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
     model = tiny_lm()
     # tune_norms off: the replay below sets only the earlier layers' weights
-    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"), tune_norms=False)
+    off = {"tune_norms": False}
+    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"), **off)
     assert sorted(results) == sorted(names)
     # Replay: the Hessian of layer 2's inputs must come from layers 0-1 holding their MXFP4 weights.
     # Quantizing layer 2 alone on a copy whose earlier layers are quantized the same way gives the same
@@ -187,9 +213,7 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before(
         if earlier_quantized:
             for name in names[:6]:
                 replay.get_submodule(name).weight.data = dequantize_mxfp4(*results[name], dtype=torch.float32)
-        again = gptq_sequential(
-            replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"), tune_norms=False
-        )
+        again = gptq_sequential(replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"), **off)
         same = all(torch.equal(again[n][0], results[n][0]) and torch.equal(again[n][1], results[n][1])
                    for n in names[6:])
         assert same == earlier_quantized
@@ -259,3 +283,47 @@ def test_the_final_norm_is_found_and_tuned_too():
     names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
     gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"))
     assert not torch.equal(model.norm.weight, before)
+
+
+class HeadedLM(NormedLM):
+    """NormedLM with an LM head after the final norm: it returns logits."""
+
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(32, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, use_cache=False):
+        return self.lm_head(super().forward(input_ids))
+
+
+def test_the_final_norm_is_fitted_to_the_float_models_next_token_distributions():
+    torch.manual_seed(2)
+    float_model = HeadedLM()
+    assert output_head_of(float_model) is float_model.lm_head and output_head_of(NormedLM()) is None
+    with torch.no_grad():
+        target = [float_model(ids[None]) for ids in sequences()]
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
+    kl, head = {}, {}
+    for tuned in (False, True):
+        model = copy.deepcopy(float_model)
+        gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"), tune_norms=tuned)
+        with torch.no_grad():
+            kl[tuned] = sum(float(kl_divergence(model(ids[None]), t)) for ids, t in zip(sequences(), target))
+        head[tuned] = model.lm_head.weight.detach().clone()
+    assert kl[True] < kl[False]
+    assert torch.equal(head[True], float_model.lm_head.weight)  # the head is read, never changed
+    assert torch.equal(head[False], head[True])
+
+
+def test_fit_losses_weigh_every_token_the_same_and_vanish_at_the_target():
+    target = torch.randn(2, 5, 8)
+    assert float(relative_error(target, target)) == 0.0 and float(kl_divergence(target, target)) == 0.0
+    # one token 100x larger than the rest (an attention sink) does not rule the relative error
+    target[:, 0] *= 100
+    out = target.clone()
+    out[:, 1:] *= 1.1  # 10% off on the other 4 tokens of each sequence: 1% relative squared error each
+    assert float(relative_error(out, target)) == pytest.approx(0.01 * 4 / 5, rel=1e-4)
+
