@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwantize_hf.methods import RANDOM_TOKENS
 from qwantize_hf.replace import linears_to_convert, resolve_modules_to_not_convert
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def dataset_name(dataset: str | list[str] | tuple[str, ...]) -> str:
     """A description of a calibration dataset that holds none of its text."""
     if isinstance(dataset, (list, tuple)):
         return f"{len(dataset)} text(s) given in memory"
+    if dataset == RANDOM_TOKENS:
+        return dataset
     if os.path.isfile(dataset):
         return f"local text file {Path(dataset).name}"
     if os.path.exists(dataset):
@@ -148,13 +151,56 @@ def token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_inputs(calibration: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+# The calibration "dataset" that needs no text: token ids drawn uniformly from the model's vocabulary
+# with a fixed seed. No tokenizer either. Activation statistics are mostly set by the weights (which
+# features are large is a property of the model more than of the text), so they recover much of what
+# text calibration gives; eval/results has the perplexities.
+RANDOM_TOKENS_SEED = 0
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """Rows of the model's input embedding (its config's vocab_size when the embedding is not a plain table)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not rows:
+        raise ValueError(
+            f"calibration['dataset'] = {RANDOM_TOKENS!r} draws token ids from the model's vocabulary, but "
+            f"{type(model).__name__} has neither an input embedding table nor config.vocab_size; calibrate on text"
+        )
+    return int(rows)
+
+
+def random_token_sequences(vocab_size: int, seq_len: int, max_tokens: int, seed: int = RANDOM_TOKENS_SEED):
+    """``max_tokens // seq_len`` sequences of ``seq_len`` token ids uniform in ``[0, vocab_size)``, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    count = max_tokens // seq_len
+    return list(torch.randint(0, vocab_size, (count, seq_len), generator=generator))
+
+
+def calibration_inputs(
+    calibration: dict[str, Any], model: nn.Module | None = None
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """A calibration request's token sequences, and the record of it for config.json.
 
     The record names the dataset and tokenizer, the tokens actually used and the
-    SHA-256 of the text, never the text itself.
+    SHA-256 of the text, never the text itself. ``dataset = "random-tokens"`` draws
+    the ids from ``model``'s vocabulary instead (no text, no tokenizer).
     """
     seq_len, budget = calibration["calibration_seq_len"], calibration["calibration_tokens"]
+    if calibration["dataset"] == RANDOM_TOKENS:
+        if model is None:
+            raise ValueError(f"calibration['dataset'] = {RANDOM_TOKENS!r} needs the model to draw token ids from")
+        vocab = vocabulary_size(model)
+        sequences = random_token_sequences(vocab, seq_len, budget)
+        record = {
+            "dataset": RANDOM_TOKENS,
+            "seed": RANDOM_TOKENS_SEED,
+            "vocab_size": vocab,
+            "calibration_tokens": len(sequences) * seq_len,
+            "calibration_seq_len": seq_len,
+            CALIBRATED: True,
+        }
+        return sequences, record
     text = calibration_text(calibration["dataset"], budget)
     ids = token_ids(load_tokenizer(calibration["tokenizer"]), text)
     sequences = calibration_sequences(ids, seq_len, budget)

@@ -18,7 +18,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qwantize_hf.calibration import CALIBRATED, dataset_name, tokenizer_name
 from qwantize_hf.constants import BITS_PER_WEIGHT, BLOCK_SIZES, DEFAULT_BLOCK_SIZE
-from qwantize_hf.methods import DEFAULT_ALGORITHM, DEFAULT_SCALE_METHOD, algorithm, scale_method
+from qwantize_hf.methods import DEFAULT_ALGORITHM, DEFAULT_SCALE_METHOD, RANDOM_TOKENS, algorithm, scale_method
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +63,26 @@ class MXFP4Config(QuantizationConfigMixin):
 
     Args:
         block_size: elements per scale along the input dimension, 32 (4.25 bits/weight) or 16 (4.5).
-        scale_method: ``"mse"`` (least squared error, default), ``"naive"`` (OCP MX) or ``"even"``.
+        scale_method: ``"mse"`` (least squared error, default; weighted by activations with
+            ``calibration``), ``"naive"`` (OCP MX) or ``"even"``.
         modules_to_not_convert: module names (or dotted suffixes of them) to keep unquantized, in
             addition to ``lm_head``, the model's ``_keep_in_fp32_modules`` and tied modules, which
             always stay unquantized. config.json records the whole list the model was quantized with.
         dequantize: at load time, turn a quantized checkpoint back into a plain model of
             ``nn.Linear`` layers holding ``dequantize(quantize(W))``.
         base_model: the Hub id the weights were quantized from (filled in on load when known).
-        calibration: activation-aware scales (``scale_method="mse"`` only): a dict with
-            ``dataset`` (a list of texts, a local text file, or a ``datasets`` name),
-            ``tokenizer`` (a tokenizer or its name/path), ``calibration_tokens`` (budget,
-            default 32768) and ``calibration_seq_len`` (default 1024). The model loads
-            unquantized, the text runs through it, and every block's scale is searched with
-            each element's squared error weighted by its input feature's mean square
-            activation. config.json records what was used, never the text or tokenizer.
+        calibration: activation-aware scales (``scale_method="mse"`` or ``algorithm="gptq"``):
+            the model loads unquantized, calibration tokens run through it, and every block's
+            scale is searched with each element's squared error weighted by its input feature's
+            mean square activation. A dict with ``dataset`` (a list of texts, a local text file,
+            a ``datasets`` name, or ``"random-tokens"``: token ids drawn uniformly from the
+            model's vocabulary with a fixed seed, no text and no tokenizer), ``tokenizer`` (a
+            tokenizer or its name/path; not with ``"random-tokens"``), ``calibration_tokens``
+            (budget, default 32768) and ``calibration_seq_len`` (default 1024). ``"random-tokens"``
+            needs no data and beats every per-weight rule measured on perplexity (``eval/results``),
+            at the cost of a calibrated load (the bf16 model is held while it runs). None (default):
+            each weight quantized by itself as it loads. config.json records what was used, never
+            the text or tokenizer.
         algorithm: ``"rtn"`` (default: each weight rounded to the nearest code at its block's
             scale) or ``"gptq"``: error feedback through the Hessian of each Linear's calibration
             inputs, each block's scale chosen inside the loop by ``scale_method`` with the
@@ -248,6 +254,13 @@ class MXFP4Config(QuantizationConfigMixin):
                 "calibration needs a 'dataset': a list of texts, the path of a local text file, or a "
                 "`datasets` name, e.g. calibration={'dataset': texts, 'tokenizer': tokenizer}"
             )
+        if dataset == RANDOM_TOKENS:
+            if calibration.get("tokenizer") is not None:
+                raise ValueError(
+                    f"calibration['dataset'] = {RANDOM_TOKENS!r} draws token ids from the model's vocabulary and "
+                    "takes no tokenizer; drop calibration['tokenizer'] (or give a text to tokenize)"
+                )
+            return
         if isinstance(dataset, (list, tuple)):
             if not all(isinstance(text, str) for text in dataset):
                 raise TypeError("calibration['dataset'] given as a list must hold only strings (the texts)")

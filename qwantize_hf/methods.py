@@ -84,6 +84,10 @@ _ALGORITHMS = (
 ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in _ALGORITHMS}
 DEFAULT_ALGORITHM = "rtn"
 
+# calibration["dataset"] that needs no text: token ids drawn uniformly from the model's vocabulary
+# (calibration.random_token_sequences); MXFP4Config()'s default calibration.
+RANDOM_TOKENS = "random-tokens"
+
 
 def _unknown(kind: str, value: object, known: dict[str, object]) -> ValueError:
     names = list(known)
@@ -108,6 +112,7 @@ def algorithm(name: object) -> Algorithm:
 
 __all__ = [
     "ALGORITHMS",
+    "RANDOM_TOKENS",
     "DEFAULT_ALGORITHM",
     "DEFAULT_SCALE_METHOD",
     "SCALE_METHODS",

@@ -177,7 +177,7 @@ class MXFP4HfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         names = calibration.eligible_linear_names(model, config.block_size, config.modules_to_not_convert)
-        sequences, record = calibration.calibration_inputs(config.calibration)
+        sequences, record = calibration.calibration_inputs(config.calibration, model)
         if config.algorithm == "gptq":
             quantized = sequential.gptq_sequential(
                 model,

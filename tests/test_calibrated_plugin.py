@@ -116,6 +116,44 @@ def test_calibrated_bytes_equal_quantize_with_direct_statistics(checkpoints, fam
         assert torch.isfinite(model(input_ids()).logits).all()
 
 
+def test_random_tokens_calibrate_without_text_or_tokenizer(checkpoints, tmp_path):
+    # dataset="random-tokens": the ids are drawn from the model's vocabulary with a fixed seed, so the
+    # bytes are those of quantize_mxfp4 weighted by the statistics of exactly those ids.
+    from qwantize_hf.calibration import random_token_sequences
+
+    reference = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
+    names = eligible(reference)
+    ids = torch.stack(random_token_sequences(VOCAB, SEQ_LEN, TOKENS))
+    assert ids.shape == (TOKENS // SEQ_LEN, SEQ_LEN) and int(ids.max()) < VOCAB
+    assert torch.equal(ids, torch.stack(random_token_sequences(VOCAB, SEQ_LEN, TOKENS)))  # seeded
+    inputs = {name: [] for name in names}
+    handles = [
+        reference.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for row in ids:
+            reference(input_ids=row[None], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    config = MXFP4Config(calibration={"dataset": "random-tokens", "calibration_tokens": TOKENS,
+                                      "calibration_seq_len": SEQ_LEN})  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=config)
+    for name in names:
+        stats = torch.cat(inputs[name]).double().square().mean(dim=0).float()
+        packed, scales = quantize_mxfp4(reference.get_submodule(name).weight.detach(), weights=stats)
+        assert torch.equal(model.get_submodule(name).weight, packed), name
+        assert torch.equal(model.get_submodule(name).weight_scale, scales), name
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["calibration"]
+    assert record == {"dataset": "random-tokens", "seed": 0, "vocab_size": VOCAB, "calibration_tokens": TOKENS,
+                      "calibration_seq_len": SEQ_LEN, "calibrated": True}  # fmt: skip
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_tensors(model.state_dict(), reloaded.state_dict())
+
+
 def test_another_text_gives_other_statistics(checkpoints):
     # The bytes above follow the calibration text, not some fixed weighting.
     reference = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
@@ -305,6 +343,7 @@ def test_device_map_auto_plans_with_float_sizes(checkpoints, tmp_path):
         ({"calibration": request(seq_len=8)}, ValueError, r"unknown key\(s\) \['seq_len'\]"),
         ({"calibration": request(), "scale_method": "naive"}, ValueError, "scale_method='mse'"),
         ({"calibration": request(), "scale_method": "even"}, ValueError, "drop calibration"),
+        ({"calibration": request(dataset="random-tokens")}, ValueError, "takes no tokenizer"),
     ],
 )
 def test_bad_calibration_requests_are_refused(kwargs, error, message):

@@ -145,7 +145,7 @@ def tiny_run(tmp_path_factory):
 
 def test_every_method_scores_the_same_tokens_and_the_json_has_the_card_schema(tiny_run):
     settings, run = tiny_run
-    assert [m["method"] for m in run["methods"]] == ["bf16", "naive", "even", "mse", "mse-act", "gptq"]
+    assert [m["method"] for m in run["methods"]] == ["bf16", "naive", "even", "mse", "mse-random", "mse-act", "gptq"]
     assert {m["tokens_scored"] for m in run["methods"]} == {settings.tokens} == {run["tokens_scored"]}
     for key in ("model", "model_note", "text", "tokens_scored", "context_length", "stride", "machine", "versions",
                 "command", "methods"):

@@ -5,7 +5,9 @@ Every quantized model is made the way a user makes one,
 config ``method_config`` gives for the method. The ``mse-act`` column is
 ``MXFP4Config(scale_method="mse", calibration={"dataset": [text], ...})``: the
 quantizer weights each element's squared error by its input feature's mean
-square activation, measured on a calibration text disjoint from the eval text.
+square activation, measured on a calibration text disjoint from the eval text;
+``mse-random`` measures it on token ids drawn at random from the vocabulary
+(``calibration={"dataset": "random-tokens"}``, the same token budget): no text.
 
 ``run_comparison`` returns the results as the JSON dict that ``report`` writes
 and ``qwantize_hf.card.render_model_card`` reads. This module must never score
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from qwantize_hf.evaluation.layers import LayerStats
     from qwantize_hf.evaluation.nll import PerplexityResult
 
-from qwantize_hf.methods import ALGORITHMS, SCALE_METHODS
+from qwantize_hf.methods import ALGORITHMS, RANDOM_TOKENS, SCALE_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +59,18 @@ class Method:
     description: str
     config: dict[str, Any]  # MXFP4Config keywords besides block_size and calibration
     calibrated: bool = False  # also calibration=: activation statistics from --calibration-text
+    random_tokens: bool = False  # calibration= on random token ids, the same budget as the text's
 
 
 METHODS: dict[str, Method] = {
-    # one row per scale method of the table (methods.SCALE_METHODS), data-free
+    # one row per scale method of the table (methods.SCALE_METHODS), per weight: no calibration at all
     **{name: Method(method.summary, {"scale_method": name}) for name, method in SCALE_METHODS.items()},
+    # no text either: activation statistics from token ids drawn at random from the vocabulary
+    "mse-random": Method(
+        "least squared error weighted by each input feature's mean square activation on random tokens (no text)",
+        {"scale_method": "mse"},
+        random_tokens=True,
+    ),
     "mse-act": Method(
         "least squared error weighted by each input feature's mean square activation (calibration text)",
         {"scale_method": "mse"},
@@ -78,9 +87,9 @@ def method_config(method: str, block_size: int, calibration: dict[str, Any] | No
     from qwantize_hf import MXFP4Config  # importing qwantize_hf registers the quantizer with transformers
 
     spec = METHODS[method]
-    if spec.calibrated and calibration is None:
-        raise ValueError(f"{method} calibrates on a text: pass the calibration request")
-    extra = {"calibration": calibration} if spec.calibrated else {}
+    if (spec.calibrated or spec.random_tokens) and calibration is None:
+        raise ValueError(f"{method} calibrates: pass the calibration request")
+    extra = {"calibration": calibration} if spec.calibrated or spec.random_tokens else {}
     return MXFP4Config(block_size=block_size, **spec.config, **extra)
 
 
@@ -254,8 +263,14 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
                 "calibration_tokens": settings.calibration_tokens,
                 "calibration_seq_len": settings.calibration_seq_len,
             }
+        elif METHODS[method].random_tokens:
+            request = {
+                "dataset": RANDOM_TOKENS,
+                "calibration_tokens": settings.calibration_tokens,
+                "calibration_seq_len": settings.calibration_seq_len,
+            }
         model = _load(model_path, dtype, device, method_config(method, settings.block_size, request))
-        if request is not None:
+        if METHODS[method].calibrated:
             record = model.config.quantization_config.calibration
             calibration = {
                 "text": calibration_note,
