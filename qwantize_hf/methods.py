@@ -85,7 +85,7 @@ ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in _
 DEFAULT_ALGORITHM = "rtn"
 
 # calibration["dataset"] that needs no text: token ids drawn uniformly from the model's vocabulary
-# (calibration.random_token_sequences); MXFP4Config()'s default calibration.
+# (calibration.random_token_sequences), no tokenizer.
 RANDOM_TOKENS = "random-tokens"
 
 

@@ -204,9 +204,7 @@ def _hessians(
 
     handles = [layer.get_submodule(name).register_forward_pre_hook(accumulate(name)) for name in group]
     try:
-        for hidden, kwargs in inputs:
-            _run_layer(layer, [(hidden, kwargs)], device)
-            last[0] = None  # the next sequence's tensors are new ones
+        _run_layer(layer, inputs, device)
     finally:
         for handle in handles:
             handle.remove()

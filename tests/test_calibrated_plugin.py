@@ -76,8 +76,14 @@ def eligible(model: nn.Module) -> list[str]:
 
 
 def direct_statistics(model: nn.Module, text: str, names: list[str]) -> dict[str, torch.Tensor]:
-    """Mean square input feature of each named Linear, by keeping every input (no shared code)."""
+    """Mean square input feature of each named Linear over the calibration text's sequences."""
     ids = torch.tensor(char_tokenizer()(text)["input_ids"])[:TOKENS].reshape(-1, SEQ_LEN)
+    return statistics_of_ids(model, ids, names)
+
+
+def statistics_of_ids(model: nn.Module, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Mean square input feature of each named Linear over the rows of ``ids``, by keeping every input
+    (no shared code)."""
     inputs = {name: [] for name in names}
     handles = [
         model.get_submodule(name).register_forward_hook(
@@ -126,24 +132,12 @@ def test_random_tokens_calibrate_without_text_or_tokenizer(checkpoints, tmp_path
     ids = torch.stack(random_token_sequences(VOCAB, SEQ_LEN, TOKENS))
     assert ids.shape == (TOKENS // SEQ_LEN, SEQ_LEN) and int(ids.max()) < VOCAB
     assert torch.equal(ids, torch.stack(random_token_sequences(VOCAB, SEQ_LEN, TOKENS)))  # seeded
-    inputs = {name: [] for name in names}
-    handles = [
-        reference.get_submodule(name).register_forward_pre_hook(
-            lambda module, args, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        for row in ids:
-            reference(input_ids=row[None], use_cache=False)
-    for handle in handles:
-        handle.remove()
+    stats = statistics_of_ids(reference, ids, names)
     config = MXFP4Config(calibration={"dataset": "random-tokens", "calibration_tokens": TOKENS,
                                       "calibration_seq_len": SEQ_LEN})  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=config)
     for name in names:
-        stats = torch.cat(inputs[name]).double().square().mean(dim=0).float()
-        packed, scales = quantize_mxfp4(reference.get_submodule(name).weight.detach(), weights=stats)
+        packed, scales = quantize_mxfp4(reference.get_submodule(name).weight.detach(), weights=stats[name])
         assert torch.equal(model.get_submodule(name).weight, packed), name
         assert torch.equal(model.get_submodule(name).weight_scale, scales), name
     model.save_pretrained(tmp_path)

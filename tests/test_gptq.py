@@ -202,8 +202,7 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before(
     names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
     model = tiny_lm()
     # tune_norms off: the replay below sets only the earlier layers' weights
-    off = {"tune_norms": False}
-    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"), **off)
+    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"), tune_norms=False)
     assert sorted(results) == sorted(names)
     # Replay: the Hessian of layer 2's inputs must come from layers 0-1 holding their MXFP4 weights.
     # Quantizing layer 2 alone on a copy whose earlier layers are quantized the same way gives the same
@@ -213,7 +212,9 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_layers_before(
         if earlier_quantized:
             for name in names[:6]:
                 replay.get_submodule(name).weight.data = dequantize_mxfp4(*results[name], dtype=torch.float32)
-        again = gptq_sequential(replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"), **off)
+        again = gptq_sequential(
+            replay, sequences(), names[6:], block_size=32, device=torch.device("cpu"), tune_norms=False
+        )
         same = all(torch.equal(again[n][0], results[n][0]) and torch.equal(again[n][1], results[n][1])
                    for n in names[6:])
         assert same == earlier_quantized
