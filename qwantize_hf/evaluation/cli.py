@@ -1,8 +1,9 @@
 """The command line ``qwantize-eval`` (also ``python eval/perplexity.py``): parse, run the comparison, write.
 
-Arguments are parsed before torch or transformers is imported (the modules it
-imports at the top import them inside their functions), so ``--help`` and a
-wrong argument answer at once.
+The modules it imports at the top import torch and transformers only inside their
+functions, so the console script (``qwantize_cli.eval_main``) parses the arguments
+before the package's ``__init__`` loads them: ``--help`` and a wrong argument answer at
+once. ``main`` (parse, then ``run``) is for callers that have imported the package.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "qwantize-eval") -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(prog).parse_args(argv)
+    return run(build_parser(prog).parse_args(argv), argv, prog)
+
+
+def run(args: argparse.Namespace, argv: list[str], prog: str) -> int:
+    """Run the comparison the parsed ``args`` ask for, write the outputs, print the table."""
     # Under accelerate launch / torchrun only the main process (RANK 0) logs progress.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert as the parsed ``args`` ask."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from qwantize_hf.integrations import compressed_tensors
 
