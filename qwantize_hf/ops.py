@@ -144,10 +144,15 @@ def dequantize_blocks_lut(
     packed: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """``dequantize_blocks_torch``'s numbers (NaN wherever it gives NaN) from two table lookups and one
-    product, about 2.5x faster on a CPU. In bfloat16 the product of a code value and a power-of-two
-    scale is exact, as in float32; other dtypes multiply in float32 and cast, as the twin does."""
+    product, several times faster on a CPU. Each byte's two values are looked up as one integer twice
+    their width (``index_select`` with int32 indices, not advanced indexing with int64 ones). In
+    bfloat16 the product of a code value and a power-of-two scale is exact, as in float32; other
+    dtypes multiply in float32 and cast, as the twin does."""
     compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     pairs, scale_values = _lut_tables(compute, packed.device)
-    values = pairs[packed.long()].view(-1, block_size)
-    out = values * scale_values[scales.long()].view(-1, 1)
+    pair_type = torch.int32 if compute == torch.bfloat16 else torch.int64  # two values as one integer
+    values = torch.index_select(pairs.view(pair_type).view(-1), 0, packed.reshape(-1).to(torch.int32))
+    values = values.view(compute).view(-1, block_size)
+    block_scales = torch.index_select(scale_values, 0, scales.reshape(-1).to(torch.int32))
+    out = values * block_scales.view(-1, 1)
     return out.view(*packed.shape[:-1], packed.shape[-1] * F4_CODES_PER_BYTE).to(dtype)
