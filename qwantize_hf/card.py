@@ -22,9 +22,11 @@ import types
 from pathlib import Path
 from typing import Any
 
+from qwantize_hf.calibration import RANDOM_TOKENS_SEED
 from qwantize_hf.config import QUANT_METHOD
 from qwantize_hf.constants import BITS_PER_WEIGHT
 from qwantize_hf.format import check_block_size
+from qwantize_hf.methods import RANDOM_TOKENS
 from qwantize_hf.methods import scale_method as scale_method_row
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card_template.md"
@@ -50,6 +52,24 @@ def _code(value: object) -> str:
     """A caller's string as an inline code span; escaped text when it holds a backtick or a line break."""
     value = str(value)
     return _text(value) if "`" in value or "\n" in value or "\r" in value else f"`{value}`"
+
+
+def _calibration_cell(calibration: dict[str, Any] | None) -> str:
+    """The card's words for a calibration record (or request): what the statistics came from."""
+    if not calibration:
+        return "none (scales from the weights alone)"
+    tokens = calibration.get("calibration_tokens")
+    seq_len = calibration.get("calibration_seq_len")
+    if calibration.get("dataset") == RANDOM_TOKENS:
+        seed = calibration.get("seed", RANDOM_TOKENS_SEED)
+        return (f"activation statistics of {_text(tokens)} token ids drawn uniformly from the vocabulary (seed "
+                f"{_text(seed)}, sequences of {_text(seq_len)}); no text")
+    words = f"activation statistics of {_text(tokens)} tokens of {_code(calibration.get('dataset'))}"
+    if calibration.get("tokenizer"):
+        words += f", tokenizer {_code(calibration['tokenizer'])}"
+    if calibration.get("text_sha256"):
+        words += f", text SHA-256 {_code(calibration['text_sha256'])}"
+    return words + f", sequences of {_text(seq_len)}"
 
 
 def _fence(value: str, language: str) -> list[str]:
@@ -163,9 +183,7 @@ def render_model_card(
         "bits_per_weight": format(BITS_PER_WEIGHT[block_size], "g"),
         "base_model_cell": _code(base_model) if base_model else "not recorded",
         "modules_to_not_convert": ", ".join(_code(m) for m in skipped) if skipped else "none",
-        "calibration": "none (scales from the weights alone)"
-        if not quantization_config.get("calibration")
-        else _code(json.dumps(quantization_config["calibration"], sort_keys=True)),
+        "calibration": _calibration_cell(quantization_config.get("calibration")),
         # a Python string literal: json.dumps escapes quotes, backslashes and line breaks
         "repo_id": json.dumps(repo_id or DEFAULT_REPO_ID),
         "eval_section": _eval_section(eval_results) if eval_results is not None else "",

@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 # have defaults. After the run the quantizer replaces the request by a record of what
 # was used, marked `calibrated: true`; that record is what config.json holds.
 CALIBRATION_DEFAULTS = {"calibration_tokens": 32768, "calibration_seq_len": 1024}
+# calibration's default: statistics on random token ids where the method weights its search
+# (scale_method="mse", algorithm="rtn"), none otherwise; None asks for none.
+CALIBRATION_AUTO = "auto"
 CALIBRATION_KEYS = ("dataset", "tokenizer", *CALIBRATION_DEFAULTS)
 # from_dict's private keyword: the config.json fields this version does not know.
 _FROM_CONFIG_JSON = "_unknown_config_json_fields"
@@ -72,17 +75,22 @@ class MXFP4Config(QuantizationConfigMixin):
             ``nn.Linear`` layers holding ``dequantize(quantize(W))``.
         base_model: the Hub id the weights were quantized from (filled in on load when known).
         calibration: activation-aware scales (``scale_method="mse"`` or ``algorithm="gptq"``):
-            the model loads unquantized, calibration tokens run through it, and every block's
-            scale is searched with each element's squared error weighted by its input feature's
-            mean square activation. A dict with ``dataset`` (a list of texts, a local text file,
-            a ``datasets`` name, or ``"random-tokens"``: token ids drawn uniformly from the
-            model's vocabulary with a fixed seed, no text and no tokenizer), ``tokenizer`` (a
-            tokenizer or its name/path; not with ``"random-tokens"``), ``calibration_tokens``
-            (budget, default 32768) and ``calibration_seq_len`` (default 1024). ``"random-tokens"``
-            needs no data and beats every per-weight rule measured on perplexity (``eval/results``),
-            at the cost of a calibrated load (the bf16 model is held while it runs). None (default):
-            each weight quantized by itself as it loads. config.json records what was used, never
-            the text or tokenizer.
+            every block's scale is searched with each element's squared error weighted by its
+            input feature's mean square activation on calibration tokens. A dict with ``dataset``
+            (a list of texts, a local text file, a ``datasets`` name, or ``"random-tokens"``:
+            token ids drawn uniformly from the model's vocabulary with a fixed seed, no text and
+            no tokenizer), ``tokenizer`` (a tokenizer or its name/path; not with
+            ``"random-tokens"``), ``calibration_tokens`` (budget, default 32768) and
+            ``calibration_seq_len`` (default 1024). With a text the model loads unquantized and
+            the bf16 model is held while the text runs through it. ``"random-tokens"`` holds no
+            float model: each weight is quantized as it loads, the random tokens run through the
+            quantized model, and each weight is read once more from the (safetensors) checkpoint
+            and quantized with its statistics. ``"auto"`` (default): ``{"dataset":
+            "random-tokens"}`` for ``scale_method="mse"`` with ``algorithm="rtn"`` (it needs no
+            data and beats every per-weight rule measured on perplexity, ``eval/results``), none
+            for the rules that weigh nothing; None: none, each weight quantized by itself as it
+            loads (plain ``mse``: the least squared error of the weight). config.json records
+            what was used, never the text or tokenizer.
         algorithm: ``"rtn"`` (default: each weight rounded to the nearest code at its block's
             scale) or ``"gptq"``: error feedback through the Hessian of each Linear's calibration
             inputs, each block's scale chosen inside the loop by ``scale_method`` with the
@@ -106,7 +114,7 @@ class MXFP4Config(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         dequantize: bool = False,
         base_model: str | None = None,
-        calibration: dict[str, Any] | None = None,
+        calibration: dict[str, Any] | str | None = CALIBRATION_AUTO,
         algorithm: str = DEFAULT_ALGORITHM,
         gptq: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -191,8 +199,13 @@ class MXFP4Config(QuantizationConfigMixin):
             raise TypeError(f"dequantize must be True or False, got {self.dequantize!r}")
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise TypeError(f"base_model must be a Hub id string or None, got {self.base_model!r}")
+        if self.calibration == CALIBRATION_AUTO:
+            takes_weights = scale_method(self.scale_method).takes_weights and not needs_calibration
+            self.calibration = {"dataset": RANDOM_TOKENS} if takes_weights else None
         if self.calibration is not None and not isinstance(self.calibration, dict):
-            raise TypeError(f"calibration must be a dict or None, got {type(self.calibration).__name__}")
+            raise TypeError(
+                f"calibration must be a dict, {CALIBRATION_AUTO!r} or None, got {type(self.calibration).__name__}"
+            )
         if self.calibration is not None:
             self._check_calibration()
         elif needs_calibration:
@@ -287,6 +300,13 @@ class MXFP4Config(QuantizationConfigMixin):
     def calibrates(self) -> bool:
         """True when this config asks for a calibration run (not a record of one that ran)."""
         return self.calibration is not None and not self.calibration.get(CALIBRATED)
+
+    @property
+    def rescales_on_random_tokens(self) -> bool:
+        """A calibration run that needs no float model held: ``rtn`` on random token ids. Each weight
+        is quantized as it loads, then once more, read again from the checkpoint, with the
+        statistics the quantized model gives on the random tokens."""
+        return self.calibrates and self.algorithm == "rtn" and self.calibration["dataset"] == RANDOM_TOKENS
 
     @property
     def bits_per_weight(self) -> float:

@@ -6,10 +6,14 @@ how big a quantized weight is, what happens after loading. The work itself
 (module swaps, the load-time quantize op, dequantizing) is in ``replace.py``,
 the calibration run in ``calibration.py``; this file must never touch tensor values.
 
-Two ways to quantize a float checkpoint:
+Ways to quantize a float checkpoint:
 
 * plain (``calibration=None``): each weight is quantized as it loads, so the
   bf16 model is never held whole;
+* random tokens (the default, ``MXFP4Config()``): quantized as it loads, like plain;
+  then seeded random token ids run through the quantized model, and each weight,
+  read once more from the checkpoint, is quantized again with its input features'
+  mean square activations as weights. The bf16 model is never held whole either;
 * calibrated: the Linears stay ``nn.Linear`` while the weights load; once the
   model is loaded (and dispatched by accelerate, if device_map splits it) the
   calibration text runs through it and every eligible Linear is quantized with
@@ -54,8 +58,15 @@ class MXFP4HfQuantizer(HfQuantizer):
 
     @property
     def calibrates(self) -> bool:
-        """Whether this load runs calibration: a float checkpoint with a calibration request."""
-        return not self.pre_quantized and self.quantization_config.calibrates
+        """Whether this load holds the float model to calibrate it: a float checkpoint with a calibration
+        request that is not ``rescales``'."""
+        config = self.quantization_config
+        return not self.pre_quantized and config.calibrates and not config.rescales_on_random_tokens
+
+    @property
+    def rescales(self) -> bool:
+        """Whether this load quantizes as it loads, then once more on random-token statistics."""
+        return not self.pre_quantized and self.quantization_config.rescales_on_random_tokens
 
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
         config = self.quantization_config
@@ -124,6 +135,7 @@ class MXFP4HfQuantizer(HfQuantizer):
             )
         if self.pre_quantized:
             replace.match_stored_dtypes(model, kwargs.get("checkpoint_files"))
+        self._checkpoint_files = kwargs.get("checkpoint_files")
         if not_divisible:
             logger.warning(
                 "%d Linear layer(s) have in_features that are not a multiple of block_size %d and stay "
@@ -160,6 +172,8 @@ class MXFP4HfQuantizer(HfQuantizer):
         # device_map (5.17 and 5.24 alike), so the calibration forward runs as the user's would.
         if self.calibrates:
             self._calibrate_and_quantize(model)
+        elif self.rescales:
+            self._rescale_on_random_tokens(model)
         replace.check_all_quantized(model)
         if self.pre_quantized:
             replace.check_stored_tensors_loaded(model)
@@ -200,6 +214,29 @@ class MXFP4HfQuantizer(HfQuantizer):
         config.calibration = record
         tokens, dataset = record["calibration_tokens"], record["dataset"]
         logger.info("%s: calibrated %d Linear layers on %d tokens of %s", config.algorithm, len(names), tokens, dataset)
+
+    def _rescale_on_random_tokens(self, model: torch.nn.Module) -> None:
+        from transformers.utils.logging import is_progress_bar_enabled
+
+        config = self.quantization_config
+        names = replace.mxfp4_module_names(model)
+        try:
+            read_weight = replace.float_weight_reader(
+                getattr(self, "_checkpoint_files", None), model, names, block_size=config.block_size, dtype=model.dtype
+            )
+        except replace.FloatWeightsUnavailable as why:
+            logger.warning(
+                "MXFP4Config: the random-token statistics need each float weight read again from the checkpoint, "
+                "and %s; the weights keep the scales of plain mse (config.json records no calibration). Pass "
+                "calibration=None to ask for that, or save the float model with save_pretrained first",
+                why,
+            )
+            config.calibration = None
+            return
+        sequences, record = calibration.calibration_inputs(config.calibration, model)
+        stats = calibration.collect_activation_stats(model, sequences, names, progress=is_progress_bar_enabled())
+        replace.requantize_linears(model, stats, read_weight, block_size=config.block_size, dtype=model.dtype)
+        config.calibration = record
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         replace.dequantize_linears(model, dtype)

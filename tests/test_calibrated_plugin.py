@@ -17,7 +17,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from qwantize_hf import MXFP4Config, MXFP4Linear, quantize_mxfp4
 from qwantize_hf.config import CALIBRATION_DEFAULTS
-from tests.tiny_models import COMMON, FAMILIES, VOCAB, assert_same_tensors, input_ids, save_random_model
+from tests.tiny_models import (
+    COMMON,
+    FAMILIES,
+    VOCAB,
+    assert_same_tensors,
+    input_ids,
+    random_token_statistics,
+    save_random_model,
+    statistics_of_ids,
+)
 
 # Two different texts, so a test can tell which one a model was calibrated on.
 CALIBRATION_TEXT = (
@@ -71,6 +80,11 @@ def calibrated_llama(checkpoints, tmp_path_factory):
     return model, folder
 
 
+def plain_mse() -> MXFP4Config:
+    """Each weight quantized by itself as it loads: no statistics at all."""
+    return MXFP4Config(calibration=None)
+
+
 def eligible(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) is nn.Linear and name != "lm_head"]
 
@@ -79,24 +93,6 @@ def direct_statistics(model: nn.Module, text: str, names: list[str]) -> dict[str
     """Mean square input feature of each named Linear over the calibration text's sequences."""
     ids = torch.tensor(char_tokenizer()(text)["input_ids"])[:TOKENS].reshape(-1, SEQ_LEN)
     return statistics_of_ids(model, ids, names)
-
-
-def statistics_of_ids(model: nn.Module, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """Mean square input feature of each named Linear over the rows of ``ids``, by keeping every input
-    (no shared code)."""
-    inputs = {name: [] for name in names}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        for row in ids:
-            model(input_ids=row[None], use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return {name: torch.cat(inputs[name]).double().square().mean(dim=0).float() for name in names}
 
 
 # --------------------------------------------------------------------------- the bytes
@@ -123,16 +119,12 @@ def test_calibrated_bytes_equal_quantize_with_direct_statistics(checkpoints, fam
 
 
 def test_random_tokens_calibrate_without_text_or_tokenizer(checkpoints, tmp_path):
-    # dataset="random-tokens": the ids are drawn from the model's vocabulary with a fixed seed, so the
-    # bytes are those of quantize_mxfp4 weighted by the statistics of exactly those ids.
-    from qwantize_hf.calibration import random_token_sequences
-
+    # dataset="random-tokens": the ids are drawn from the model's vocabulary with a fixed seed and run
+    # through the model as it quantized on load (plain mse), so the bytes are those of quantize_mxfp4
+    # weighted by that model's statistics of exactly those ids.
     reference = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
     names = eligible(reference)
-    ids = torch.stack(random_token_sequences(VOCAB, SEQ_LEN, TOKENS))
-    assert ids.shape == (TOKENS // SEQ_LEN, SEQ_LEN) and int(ids.max()) < VOCAB
-    assert torch.equal(ids, torch.stack(random_token_sequences(VOCAB, SEQ_LEN, TOKENS)))  # seeded
-    stats = statistics_of_ids(reference, ids, names)
+    stats = random_token_statistics(checkpoints["llama"], torch.bfloat16, TOKENS, SEQ_LEN)
     config = MXFP4Config(calibration={"dataset": "random-tokens", "calibration_tokens": TOKENS,
                                       "calibration_seq_len": SEQ_LEN})  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=config)
@@ -146,6 +138,62 @@ def test_random_tokens_calibrate_without_text_or_tokenizer(checkpoints, tmp_path
                       "calibration_seq_len": SEQ_LEN, "calibrated": True}  # fmt: skip
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert_same_tensors(model.state_dict(), reloaded.state_dict())
+
+
+def test_the_default_is_random_tokens_and_holds_no_float_model(checkpoints, monkeypatch):
+    # MXFP4Config() quantizes as it loads (the Linears are never nn.Linear with float weights), then
+    # quantizes each weight again, read from the checkpoint, with the random-token statistics.
+    import qwantize_hf.replace as replace
+
+    stats = random_token_statistics(checkpoints["qwen2"], torch.bfloat16)
+    swapped_after_load = []
+    monkeypatch.setattr(replace, "quantize_linears_with_weights", lambda *a, **k: swapped_after_load.append(a))
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=MXFP4Config())
+    assert not swapped_after_load
+    reference = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"])
+    for name in eligible(reference):
+        packed, scales = quantize_mxfp4(reference.get_submodule(name).weight.detach(), weights=stats[name])
+        assert torch.equal(model.get_submodule(name).weight, packed), name
+        assert torch.equal(model.get_submodule(name).weight_scale, scales), name
+    assert model.config.quantization_config.calibration["dataset"] == "random-tokens"
+    # and it is not plain mse
+    plain = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=plain_mse())
+    assert plain.config.quantization_config.calibration is None
+    assert any(not torch.equal(model.get_submodule(n).weight_scale, plain.get_submodule(n).weight_scale)
+               for n in eligible(reference))  # fmt: skip
+
+
+def test_float_weights_that_cannot_be_read_back_leave_plain_mse_and_say_so(checkpoints, monkeypatch, caplog, tmp_path):
+    import qwantize_hf.replace as replace
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=plain_mse())
+    stored = [str(checkpoints["llama"] / "model.safetensors")]
+
+    def reader(files, names):
+        return replace.float_weight_reader(files, model, names, block_size=32, dtype=torch.bfloat16)
+
+    reader(stored, ["model.layers.0.mlp.up_proj"])  # the checkpoint it came from reads back
+    with pytest.raises(replace.FloatWeightsUnavailable, match="not a .safetensors file"):
+        reader([str(tmp_path / "pytorch_model.bin")], ["model.layers.0.mlp.up_proj"])
+    with pytest.raises(replace.FloatWeightsUnavailable, match="has no tensor model.layers.0.mlp.nope.weight"):
+        reader(stored, ["model.layers.0.mlp.nope"])
+    with pytest.raises(replace.FloatWeightsUnavailable, match="did not come from checkpoint files"):
+        reader(None, ["model.layers.0.mlp.up_proj"])
+    # a checkpoint whose tensor is not the one the model loaded (here: another model's) is refused
+    other = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=plain_mse())
+    with pytest.raises(replace.FloatWeightsUnavailable, match="is not the weight model.layers.0.mlp.up_proj"):
+        replace.float_weight_reader(stored, other, ["model.layers.0.mlp.up_proj"], block_size=32, dtype=torch.bfloat16)
+
+    def unreadable(*args, **kwargs):
+        raise replace.FloatWeightsUnavailable("the checkpoint renames its tensors")
+
+    monkeypatch.setattr(replace, "float_weight_reader", unreadable)
+    with caplog.at_level("WARNING", logger="qwantize_hf.quantizer"):
+        fallback = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=MXFP4Config())
+    assert "the checkpoint renames its tensors" in caplog.text and "calibration=None" in caplog.text
+    assert fallback.config.quantization_config.calibration is None  # the record says what was done
+    plain = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=plain_mse())
+    assert_same_tensors(plain.state_dict(), fallback.state_dict())
 
 
 def test_another_text_gives_other_statistics(checkpoints):
@@ -167,7 +215,7 @@ def test_uniform_statistics_give_the_plain_mse_bytes(checkpoints, monkeypatch):
     def uniform(model, sequences, module_names, **kwargs):
         return {n: torch.full((model.get_submodule(n).in_features,), 0.37) for n in module_names}
 
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=MXFP4Config())
+    plain = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=plain_mse())
     monkeypatch.setattr(calibration, "collect_activation_stats", uniform)
     calibrated = load_calibrated(checkpoints["qwen2"])
     assert_same_tensors(plain.state_dict(), calibrated.state_dict())

@@ -18,7 +18,18 @@ def test_defaults():
     config = MXFP4Config()
     assert config.quant_method == QUANT_METHOD == "qwantize_mxfp4"
     assert (config.block_size, config.scale_method, config.dequantize) == (32, "mse", False)
-    assert config.modules_to_not_convert is None and config.calibration is None and config.base_model is None
+    assert config.modules_to_not_convert is None and config.base_model is None
+    # data-free activation statistics: random token ids, no text, no tokenizer
+    assert config.calibration == {"dataset": "random-tokens", "calibration_tokens": 32768, "calibration_seq_len": 1024}
+    assert config.calibrates and config.rescales_on_random_tokens
+    # None asks for none; rules that weigh nothing and GPTQ (which needs text) get none by default
+    assert MXFP4Config(calibration=None).calibration is None
+    assert MXFP4Config(scale_method="naive").calibration is None
+    assert MXFP4Config(scale_method="even").calibration is None
+    with pytest.raises(ValueError, match="needs calibration text"):
+        MXFP4Config(algorithm="gptq")
+    with pytest.raises(TypeError, match="must be a dict, 'auto' or None"):
+        MXFP4Config(calibration="random-tokens")
     assert config.format_version == FORMAT_VERSION == 1
     assert config.bits_per_weight == 4.25 and MXFP4Config(block_size=16).bits_per_weight == 4.5
 
@@ -82,7 +93,7 @@ def test_quant_method_and_unknown_config_json_keys_are_accepted(caplog):
         ({"modules_to_not_convert": [""]}, TypeError, "modules_to_not_convert must be a list"),
         ({"dequantize": "yes"}, TypeError, "dequantize must be True or False"),
         ({"base_model": 3}, TypeError, "base_model must be a Hub id"),
-        ({"calibration": [1]}, TypeError, "calibration must be a dict or None"),
+        ({"calibration": [1]}, TypeError, "calibration must be a dict, .auto. or None"),
     ],
 )
 def test_bad_values_are_refused(kwargs, error, message):

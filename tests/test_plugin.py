@@ -26,6 +26,7 @@ from tests.tiny_models import (
     input_ids,
     linear_names,
     odd_llama_config,
+    random_token_statistics,
     save_random_model,
     tied_llama_config,
 )
@@ -55,12 +56,17 @@ def load_quantized(path, **kwargs):
 
 
 def fake_quant_reference(path, dtype: torch.dtype, block_size: int = 32, scale_method: str = "mse"):
-    """The bf16 model with every quantizable Linear's weight replaced by dequantize(quantize(W))."""
+    """The bf16 model with every quantizable Linear's weight replaced by dequantize(quantize(W)), each
+    quantized as ``MXFP4Config(block_size=..., scale_method=...)`` does: ``mse`` weighted by the
+    random-token statistics (``tiny_models.random_token_statistics``)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    weighted = random_token_statistics(path, dtype, block_size=block_size) if scale_method == "mse" else {}
     for name, module in linear_names(model).items():
         if name == "lm_head" or module.in_features % block_size:
             continue
-        packed, scales = quantize_mxfp4(module.weight.data, block_size=block_size, scale_method=scale_method)
+        packed, scales = quantize_mxfp4(
+            module.weight.data, block_size=block_size, scale_method=scale_method, weights=weighted.get(name)
+        )
         module.weight.data = dequantize_mxfp4(packed, scales, block_size=block_size, dtype=dtype)
     return model
 
@@ -280,19 +286,22 @@ def test_save_writes_the_checkpoint_contract(bf16_checkpoints, mxfp4_checkpoints
         "scale_method": "mse",
         "modules_to_not_convert": ["lm_head"],
         "base_model": None,
-        "calibration": None,
+        # the default's data-free statistics: token ids drawn from the vocabulary, never a text
+        "calibration": {"dataset": "random-tokens", "seed": 0, "vocab_size": 256, "calibration_tokens": 32768,
+                        "calibration_seq_len": 1024, "calibrated": True},  # fmt: skip
         "algorithm": "rtn",
         "gptq": None,
         "quantizer": WRITER,  # the package a reader needs
     }
     reference = AutoModelForCausalLM.from_pretrained(bf16_checkpoints[family])
+    statistics = random_token_statistics(bf16_checkpoints[family], torch.bfloat16)
     with safe_open(folder / "model.safetensors", "pt") as stored:
         keys = set(stored.keys())
         for name, module in linear_names(reference).items():
             if name == "lm_head":
                 assert stored.get_tensor("lm_head.weight").dtype == torch.bfloat16
                 continue
-            packed, scales = quantize_mxfp4(module.weight.data, name=name)
+            packed, scales = quantize_mxfp4(module.weight.data, name=name, weights=statistics[name])
             assert torch.equal(stored.get_tensor(f"{name}.weight"), packed), name
             assert torch.equal(stored.get_tensor(f"{name}.weight_scale"), scales), name
             if module.bias is not None:

@@ -50,6 +50,8 @@ def test_card_states_the_method_truthfully():
     assert "| Scale method | `mse`: per block, the power-of-two scale with the least squared error" in card
     assert "| Bits per weight | 4.25 in quantized layers" in card
     assert "| Base model | `org/base` |" in card and "| Kept unquantized | `lm_head` |" in card
+    assert ("| Calibration | activation statistics of 32768 token ids drawn uniformly from the vocabulary (seed 0, "
+            "sequences of 1024); no text |") in card  # fmt: skip
     assert 'from_pretrained("me/base-mxfp4", device_map="auto")' in card and "import qwantize_hf" in card
     assert "## Evaluation" not in card and "{" not in card.split("```python")[0]
 
@@ -60,6 +62,7 @@ def test_card_for_block16_naive_with_license_and_note():
     data = front_matter(card)
     assert "base_model" not in data and data["license"] == "apache-2.0"
     assert "| Bits per weight | 4.5 in quantized layers" in card and "the OCP MX v1.0 rule" in card
+    assert "| Calibration | none (scales from the weights alone) |" in card
     assert "| Base model | not recorded |" in card and "Random weights: a test." in card
 
 

@@ -65,3 +65,38 @@ def assert_same_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.
     assert expected.keys() == got.keys()
     for name in expected:
         assert expected[name].dtype == got[name].dtype and torch.equal(expected[name], got[name]), name
+
+
+def statistics_of_ids(model: nn.Module, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Mean square input feature of each named module over the rows of ``ids``, by keeping every input
+    (no code shared with the library)."""
+    inputs = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(inputs[name]).double().square().mean(dim=0).float() for name in names}
+
+
+def random_token_statistics(
+    path: Path, dtype: torch.dtype, tokens: int = 32768, seq_len: int = 1024, block_size: int = 32
+) -> dict[str, torch.Tensor]:
+    """What ``MXFP4Config()`` weighs each Linear's scale search with: the statistics of ``tokens // seq_len``
+    sequences of token ids uniform over the vocabulary (seed 0), run through the model quantized with
+    plain mse (``calibration=None``), as it is right after loading."""
+    from qwantize_hf import MXFP4Config, MXFP4Linear
+
+    plain = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=MXFP4Config(block_size=block_size, calibration=None)
+    )
+    vocab = plain.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (tokens // seq_len, seq_len), generator=torch.Generator().manual_seed(0))
+    names = [name for name, module in plain.named_modules() if isinstance(module, MXFP4Linear)]
+    return statistics_of_ids(plain.eval(), ids, names)

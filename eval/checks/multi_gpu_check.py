@@ -124,18 +124,21 @@ def read_files(folder: Path) -> None:
 
 
 class QuantizeSpy:
-    """Records the device of every tensor the load-time op quantizes, by layer name."""
+    """Records the devices of every tensor the load quantizes, by layer name (``MXFP4Config()`` quantizes
+    each weight twice: as it loads, then again with its random-token statistics; the few rows it reads
+    back from the checkpoint in between, to check them, are named "<layer> (read back)")."""
 
     def __init__(self) -> None:
-        self.devices: dict[str, str] = {}
-        self.calls = 0
+        self.devices: dict[str, set[str]] = {}
+        self.calls: dict[str, int] = {}
 
     def __enter__(self) -> QuantizeSpy:
         self.real = qwantize_hf.replace.quantize_mxfp4
 
         def spy(tensor: torch.Tensor, *args, **kwargs):
-            self.devices[kwargs.get("name", "?")] = str(tensor.device)
-            self.calls += 1
+            name = kwargs.get("name", "?")
+            self.devices.setdefault(name.removesuffix(" (read back)"), set()).add(str(tensor.device))
+            self.calls[name] = self.calls.get(name, 0) + 1
             return self.real(tensor, *args, **kwargs)
 
         qwantize_hf.replace.quantize_mxfp4 = spy
@@ -224,16 +227,18 @@ def placement(model: torch.nn.Module, spy: QuantizeSpy) -> dict:
         name: mapped_device(name, device_map) if m.weight.device.type == "meta" else str(m.weight.device)
         for name, m in quantized.items()
     }
-    elsewhere = [name for name, device in held_on.items() if spy.devices.get(name) != device]
+    elsewhere = [name for name, device in held_on.items() if spy.devices.get(name) != {device}]
+    passes = 2 if getattr(model.config.quantization_config, "calibration", None) else 1
+    whole = sum(spy.calls.get(name, 0) for name in quantized)
     by_device: dict[str, int] = {}
     for device in held_on.values():
         by_device[device] = by_device.get(device, 0) + 1
     return {
         "quantized_layers": len(quantized),
-        "quantize_calls": spy.calls,
+        "quantize_calls": whole,
         "quantized_layers_by_device": dict(sorted(by_device.items())),
         "quantized_elsewhere_than_held": elsewhere,
-        "each_weight_quantized_on_its_device": not elsewhere and spy.calls == len(quantized),
+        "each_weight_quantized_on_its_device": not elsewhere and whole == passes * len(quantized),
     }
 
 
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_map": {k: str(v) for k, v in one_device.items()},
         "load_s": round(reload_s, 2),
         "memory_by_gpu": reload_memory,
-        "requantized": reload_spy.calls,
+        "requantized": sum(reload_spy.calls.values()),
         "bit_identical": difference is None,
         "first_difference": difference,
         "logits_equal_split": bool(torch.equal(reload_logits, split_logits)),

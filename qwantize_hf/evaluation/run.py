@@ -64,10 +64,15 @@ class Method:
 
 METHODS: dict[str, Method] = {
     # one row per scale method of the table (methods.SCALE_METHODS), per weight: no calibration at all
-    **{name: Method(method.summary, {"scale_method": name}) for name, method in SCALE_METHODS.items()},
-    # no text either: activation statistics from token ids drawn at random from the vocabulary
+    **{
+        name: Method(method.summary, {"scale_method": name, "calibration": None})
+        for name, method in SCALE_METHODS.items()
+    },
+    # the default (MXFP4Config()): no text either, activation statistics from token ids drawn at random
+    # from the vocabulary, run through the model as it quantized on load
     "mse-random": Method(
-        "least squared error weighted by each input feature's mean square activation on random tokens (no text)",
+        "the default: least squared error weighted by each input feature's mean square activation on random "
+        "tokens (no text)",
         {"scale_method": "mse"},
         random_tokens=True,
     ),
@@ -79,6 +84,7 @@ METHODS: dict[str, Method] = {
     "gptq": Method(ALGORITHMS["gptq"].summary, {"scale_method": "mse", "algorithm": "gptq"}, calibrated=True),
 }
 QUANTIZED_METHODS = tuple(METHODS)
+DEFAULT_METHOD = "mse-random"  # the row MXFP4Config() gives; the model card describes its checkpoint
 METHOD_DESCRIPTIONS = {BASELINE: "the unquantized model", **{name: m.description for name, m in METHODS.items()}}
 
 
@@ -292,7 +298,7 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
             raise RuntimeError(f"{method} scored other token positions than {BASELINE}; the comparison is void")
         bits, model_bits = storage_bits_per_weight(model)
         results.append(MethodResult(method, result, bits, model_bits, load_time, layers))
-        if method == "mse" or card_config is None:
+        if method == DEFAULT_METHOD or card_config is None:
             # The card describes a checkpoint of the default method, as the quantizer resolved it.
             card_config = model.config.quantization_config.to_dict()
         del model
