@@ -53,6 +53,7 @@ class MXFP4HfQuantizer(HfQuantizer):
         # transformers hands over the user's own config object and later stores it
         # on the model; a copy keeps one model's resolved skip list out of the next.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        self._checkpoint_files: list[str] | None = None  # the float checkpoint's, for the random-token rescale
 
     # 1. the request ------------------------------------------------------------------
 
@@ -222,7 +223,7 @@ class MXFP4HfQuantizer(HfQuantizer):
         names = replace.mxfp4_module_names(model)
         try:
             read_weight = replace.float_weight_reader(
-                getattr(self, "_checkpoint_files", None), model, names, block_size=config.block_size, dtype=model.dtype
+                self._checkpoint_files, model, names, block_size=config.block_size, dtype=model.dtype
             )
         except replace.FloatWeightsUnavailable as why:
             logger.warning(

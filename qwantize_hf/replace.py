@@ -336,7 +336,8 @@ def float_weight_reader(
     dtype: torch.dtype,
 ) -> Callable[[str], torch.Tensor]:
     """``name -> float weight`` of each named MXFP4Linear, read again from the float checkpoint it was
-    quantized from as it loaded (plain ``mse``), one tensor at a time (safetensors maps the file).
+    quantized from as it loaded (plain ``mse``), one tensor at a time (each file is opened once and
+    mapped; a tensor is read when it is asked for).
 
     Raises FloatWeightsUnavailable, saying why, unless every weight is in a ``.safetensors`` file
     under its module's name with its module's shape, and the first rows read back, cast to
@@ -350,10 +351,8 @@ def float_weight_reader(
     others = [path for path in files if not path.endswith(".safetensors")]
     if others:
         raise FloatWeightsUnavailable(f"{os.path.basename(others[0])} is not a .safetensors file")
-    where: dict[str, str] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))
+    handles = [safe_open(path, framework="pt") for path in files]
+    where = {key: handle for handle in handles for key in handle.keys()}
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
     keys: dict[str, str] = {}
     for name in names:
@@ -363,32 +362,30 @@ def float_weight_reader(
         if key not in where:
             raise FloatWeightsUnavailable(f"the checkpoint has no tensor {name}.weight")
         module = model.get_submodule(name)
-        with safe_open(where[key], framework="pt") as handle:
-            stored = handle.get_slice(key)
-            shape = tuple(stored.get_shape())
-            if shape != (module.out_features, module.in_features):
-                raise FloatWeightsUnavailable(
-                    f"the checkpoint's {key} has shape {shape}, not {name}'s ({module.out_features}, "
-                    f"{module.in_features})"
-                )
-            head = stored[:_CHECKED_ROWS].to(dtype)
+        stored = where[key].get_slice(key)
+        shape = tuple(stored.get_shape())
+        if shape != (module.out_features, module.in_features):
+            raise FloatWeightsUnavailable(
+                f"the checkpoint's {key} has shape {shape}, not {name}'s ({module.out_features}, {module.in_features})"
+            )
+        head = stored[:_CHECKED_ROWS].to(dtype)
         packed, scales = _held_bytes(module)
         rows = head.shape[0]
         again = quantize_mxfp4(
-            head.to(packed.device), block_size=block_size, scale_method="mse", name=f"{name} (read back)"
+            head.to(packed.device), block_size=block_size, scale_method="mse", name=name + READ_BACK
         )
         if not (torch.equal(again[0], packed[:rows]) and torch.equal(again[1], scales[:rows])):
             raise FloatWeightsUnavailable(f"the checkpoint's {key} is not the weight {name} was loaded with")
         keys[name] = key
 
     def read(name: str) -> torch.Tensor:
-        with safe_open(where[keys[name]], framework="pt") as handle:
-            return handle.get_tensor(keys[name])
+        return where[keys[name]].get_tensor(keys[name])
 
     return read
 
 
 _CHECKED_ROWS = 64  # rows of each weight read back and checked against the bytes it loaded as
+READ_BACK = " (read back)"  # the name those rows are quantized under (errors, and tests, tell them apart)
 
 
 def _held_bytes(module: MXFP4Linear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qwantize_hf import MXFP4Config, MXFP4Linear
 from qwantize_hf.quantizer import MXFP4HfQuantizer
+from qwantize_hf.replace import READ_BACK
 from tests.tiny_models import COMMON, assert_same_tensors, input_ids, save_random_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,11 +149,11 @@ def test_each_weight_is_quantized_once_on_the_device_that_holds_it(bf16_folder, 
     modules = quantized(model)
     # as it loads, then once more with the random-token statistics: twice each, in the same place (in
     # between, the first rows read back from the checkpoint are checked against the loaded bytes)
-    names = [name for name, _, _ in spy.calls if not name.endswith("(read back)")]
+    names = [name for name, _, _ in spy.calls if not name.endswith(READ_BACK)]
     assert sorted(set(names)) == sorted(modules) and len(modules) == 7 * LAYERS
     assert all(names.count(name) == 2 for name in modules)
     for name, device, dtype in spy.calls:
-        name = name.removesuffix(" (read back)")
+        name = name.removesuffix(READ_BACK)
         # the checkpoint's bf16 tensor, already on its target device: never a meta placeholder, never cast
         assert dtype == torch.bfloat16, name
         assert device == modules[name].weight.device == modules[name].weight_scale.device, name

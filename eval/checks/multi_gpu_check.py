@@ -137,7 +137,7 @@ class QuantizeSpy:
 
         def spy(tensor: torch.Tensor, *args, **kwargs):
             name = kwargs.get("name", "?")
-            self.devices.setdefault(name.removesuffix(" (read back)"), set()).add(str(tensor.device))
+            self.devices.setdefault(name.removesuffix(qwantize_hf.replace.READ_BACK), set()).add(str(tensor.device))
             self.calls[name] = self.calls.get(name, 0) + 1
             return self.real(tensor, *args, **kwargs)
 
