@@ -7,7 +7,9 @@ at a time to the GPU, calibrates it on random token sequences (the timing does n
 the text), quantizes its Linears and moves it back. Reports the whole time (the calibration
 forward passes included), the time per layer, and the peak GPU memory the pipeline
 allocated, beside the bf16 size of one layer and of the whole model. The final norm's fit
-through the LM head (KL against the float model's logits) is part of the time and the peak. Also checks, on layer
+through the LM head (KL against the float model's logits) and the end-to-end fit of every norm
+weight (``end_to_end_norms``: each layer comes to the GPU for each forward and each backward) are
+part of the time and the peak; the end-to-end fit's own time is reported too. Also checks, on layer
 0's largest Linear, that GPTQ's output error is below round-to-nearest's on the calibration
 inputs (a correctness check before anything is timed). GPU only.
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--no-act-order", dest="act_order", action="store_false")
     parser.add_argument("--true-sequential", action="store_true")
+    parser.add_argument("--no-end-to-end-norms", dest="end_to_end_norms", action="store_false")
     parser.add_argument("--device", default="cuda", help="where the layers are processed (cpu: a dry run)")
     parser.add_argument("--out", help="write the Markdown table here too")
     args = parser.parse_args()
@@ -110,12 +113,13 @@ def main() -> None:
 
     gptq_sequential(
         model, sequences, names, block_size=32, act_order=args.act_order, true_sequential=args.true_sequential,
-        device=device, progress=progress,
+        end_to_end_norms=args.end_to_end_norms, device=device, progress=progress,
     )  # fmt: skip
     if cuda:
         torch.cuda.synchronize()
     total_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else float("nan")
+    layer_times = times[: config.num_hidden_layers]
     gib = 2**30
     lines = [
         f"# GPTQ on a Llama-3-{args.shape.upper()}-shaped model "
@@ -123,19 +127,22 @@ def main() -> None:
         "",
         f"- {config.num_hidden_layers} decoder layers, {len(names)} Linears, random bf16 weights held in CPU memory; "
         f"{args.sequences} calibration sequences of {args.seq_len} tokens; act_order={args.act_order}, "
-        f"true_sequential={args.true_sequential}; "
+        f"true_sequential={args.true_sequential}, end_to_end_norms={args.end_to_end_norms}; "
         f"torch {torch.__version__}",
         f"- Command: `python eval/bench_gptq.py{'' if args.act_order else ' --no-act-order'}"
         f"{' --true-sequential' if args.true_sequential else ''}"
+        f"{'' if args.end_to_end_norms else ' --no-end-to-end-norms'}"
         f"{f' --layers {args.layers}' if args.layers else ''}`",
         f"- Check before timing: {check}",
         "",
         "| what | value |",
         "|---|---:|",
-        f"| whole pipeline (capture, calibration forwards, Hessians, GPTQ, moves) | {total_s:.1f} s |",
-        f"| per step (each decoder layer, then the final norm's fit), median (min-max) | "
-        f"{sorted(times)[len(times) // 2]:.2f} s "
-        f"({min(times):.2f}-{max(times):.2f}) |",
+        f"| whole pipeline (capture, calibration forwards, Hessians, GPTQ, norm fits, moves) | {total_s:.1f} s |",
+        f"| per decoder layer (its calibration forwards, Hessians, GPTQ and norm fit), median (min-max) | "
+        f"{sorted(layer_times)[len(layer_times) // 2]:.2f} s "
+        f"({min(layer_times):.2f}-{max(layer_times):.2f}) |",
+        *([f"| the end-to-end fit of every norm weight (2 passes, one sequence a step) | {times[-1]:.1f} s |"]
+          if args.end_to_end_norms else []),  # fmt: skip
         f"| peak GPU memory allocated by the pipeline | {peak / gib:.2f} GiB |",
         f"| one decoder layer in bf16 | {layer_bytes / gib:.2f} GiB |",
         f"| the whole model in bf16 (stays in CPU memory) | {model_bytes / gib:.2f} GiB |",

@@ -25,22 +25,31 @@ import torch
 from torch import nn
 
 from qwantize_hf.methods import RANDOM_TOKENS
-from qwantize_hf.replace import linears_to_convert, resolve_modules_to_not_convert
+from qwantize_hf.replace import linears_to_convert, output_head_name, resolve_modules_to_not_convert
 
 logger = logging.getLogger(__name__)
 
 
 def eligible_linear_names(
-    model: nn.Module, block_size: int, modules_to_not_convert: Iterable[str] | None = None
+    model: nn.Module,
+    block_size: int,
+    modules_to_not_convert: Iterable[str] | None = None,
+    *,
+    quantize_lm_head: bool = False,
 ) -> list[str]:
-    """Names of the ``nn.Linear`` modules that ``MXFP4Config(block_size, modules_to_not_convert)`` quantizes.
+    """Names of the ``nn.Linear`` modules that ``MXFP4Config(block_size, modules_to_not_convert,
+    quantize_lm_head)`` quantizes.
 
     The same rule as the quantizer's swap: plain ``nn.Linear``, not skipped
-    (``lm_head``, tied and fp32-kept modules by default), ``in_features`` a
-    multiple of ``block_size``.
+    (``lm_head`` unless ``quantize_lm_head``, tied and fp32-kept modules by default; a
+    tied head with ``quantize_lm_head`` is untied and counts), ``in_features`` a multiple
+    of ``block_size``.
     """
     requested = None if modules_to_not_convert is None else list(modules_to_not_convert)
-    skip = resolve_modules_to_not_convert(model, requested)
+    skip = resolve_modules_to_not_convert(model, requested, quantize_lm_head=quantize_lm_head)
+    head = output_head_name(model) if quantize_lm_head else None
+    if head is not None and head not in (requested or ()):
+        skip = [name for name in skip if name != head]  # a tied head is untied to be quantized
     return linears_to_convert(model, block_size=block_size, modules_to_not_convert=skip)[0]
 
 

@@ -52,12 +52,14 @@ _FROM_CONFIG_JSON = "_unknown_config_json_fields"
 # GPTQ's settings (algorithm="gptq"): the damping added to the Hessian's diagonal, as a share of
 # its mean; columns in order of decreasing Hessian diagonal; each group of a layer's Linears
 # calibrated on inputs that carry the error of the groups before it; each decoder layer's norm
-# weights fitted to the float layer's outputs after it is quantized.
+# weights fitted to the float layer's outputs after it is quantized; then all of them at once, end
+# to end, to the float model's next-token distributions.
 GPTQ_DEFAULTS = {  # sequential.gptq_sequential's
     "damping": 0.01,
     "act_order": True,
     "true_sequential": False,
     "tune_norms": True,
+    "end_to_end_norms": True,
 }
 
 
@@ -71,6 +73,11 @@ class MXFP4Config(QuantizationConfigMixin):
         modules_to_not_convert: module names (or dotted suffixes of them) to keep unquantized, in
             addition to ``lm_head``, the model's ``_keep_in_fp32_modules`` and tied modules, which
             always stay unquantized. config.json records the whole list the model was quantized with.
+        quantize_lm_head: also quantize the output head (``lm_head``), which stays float by default
+            (it is the most sensitive Linear; the eval measures what quantizing it costs). A head
+            tied to the input embeddings is untied: it gets an MXFP4 weight of its own and the
+            embeddings stay float, so the checkpoint stores both. GPTQ quantizes it last, on the
+            final norm's outputs.
         dequantize: at load time, turn a quantized checkpoint back into a plain model of
             ``nn.Linear`` layers holding ``dequantize(quantize(W))``.
         base_model: the Hub id the weights were quantized from (filled in on load when known).
@@ -100,10 +107,12 @@ class MXFP4Config(QuantizationConfigMixin):
             added to it, default 0.01), ``act_order`` (columns in order of decreasing Hessian
             diagonal, default True), ``true_sequential`` (each group of a layer's Linears
             calibrated after the groups before it are quantized, default False: one
-            calibration pass a layer) and ``tune_norms`` (default True: after each decoder
+            calibration pass a layer), ``tune_norms`` (default True: after each decoder
             layer is quantized, its normalization weights, which stay bf16, are fitted so its
             outputs on the quantized model's hidden states match the float layer's on the
-            float model's; see ``qwantize_hf.sequential``).
+            float model's) and ``end_to_end_norms`` (default True: then all the norm weights
+            at once, to the float model's next-token distributions, backpropagating through
+            the whole quantized model; see ``qwantize_hf.sequential``).
         format_version: the checkpoint layout version; a checkpoint from a newer layout is refused.
     """
 
@@ -112,6 +121,7 @@ class MXFP4Config(QuantizationConfigMixin):
         block_size: int = DEFAULT_BLOCK_SIZE,
         scale_method: str = DEFAULT_SCALE_METHOD,
         modules_to_not_convert: list[str] | None = None,
+        quantize_lm_head: bool = False,
         dequantize: bool = False,
         base_model: str | None = None,
         calibration: dict[str, Any] | str | None = CALIBRATION_AUTO,
@@ -151,6 +161,7 @@ class MXFP4Config(QuantizationConfigMixin):
                 f"write [{modules_to_not_convert!r}]"
             )
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.quantize_lm_head = quantize_lm_head
         self.dequantize = dequantize
         self.base_model = base_model
         # Our own dict: defaults are filled in and the quantizer swaps a request for a record.
@@ -195,6 +206,13 @@ class MXFP4Config(QuantizationConfigMixin):
                 "modules_to_not_convert must be a list of module names such as ['lm_head'], "
                 f"got {self.modules_to_not_convert!r}"
             )
+        if not isinstance(self.quantize_lm_head, bool):
+            raise TypeError(f"quantize_lm_head must be True or False, got {self.quantize_lm_head!r}")
+        if self.quantize_lm_head and "lm_head" in (self.modules_to_not_convert or ()):
+            raise ValueError(
+                "quantize_lm_head=True asks for lm_head quantized, but modules_to_not_convert lists 'lm_head'; "
+                "drop one of them"
+            )
         if not isinstance(self.dequantize, bool):
             raise TypeError(f"dequantize must be True or False, got {self.dequantize!r}")
         if self.base_model is not None and not isinstance(self.base_model, str):
@@ -233,7 +251,7 @@ class MXFP4Config(QuantizationConfigMixin):
         damping = self.gptq["damping"]
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < 1:
             raise ValueError(f"gptq['damping'] must be a number in (0, 1), e.g. 0.01, got {damping!r}")
-        for key in ("act_order", "true_sequential", "tune_norms"):
+        for key in ("act_order", "true_sequential", "tune_norms", "end_to_end_norms"):
             if not isinstance(self.gptq[key], bool):
                 raise TypeError(f"gptq[{key!r}] must be True or False, got {self.gptq[key]!r}")
 

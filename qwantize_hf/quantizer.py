@@ -40,6 +40,7 @@ from transformers.quantizers.base import HfQuantizer
 from qwantize_hf import calibration, card, replace, sequential
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.linear import MXFP4Linear
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class MXFP4HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         config = self.quantization_config
         config.modules_to_not_convert = replace.resolve_modules_to_not_convert(
-            model, config.modules_to_not_convert, stored=self.pre_quantized
+            model, config.modules_to_not_convert, stored=self.pre_quantized, quantize_lm_head=config.quantize_lm_head
         )
         if config.base_model is None and not self.pre_quantized:
             config.base_model = replace.hub_id_or_none(getattr(model.config, "name_or_path", None))
@@ -171,11 +172,23 @@ class MXFP4HfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         # transformers calls this after model.eval() and after accelerate has dispatched a split
         # device_map (5.17 and 5.24 alike), so the calibration forward runs as the user's would.
+        head = self._untie_head(model)
         if self.calibrates:
             self._calibrate_and_quantize(model)
         elif self.rescales:
-            self._rescale_on_random_tokens(model)
+            self._rescale_on_random_tokens(model, head)
+        if head is not None and not isinstance(model.get_submodule(head), MXFP4Linear):
+            # rtn without statistics (or the random-token pass fell back): the head as the method quantizes it
+            config = self.quantization_config
+            replace.quantize_linears_with_weights(
+                model, {head: None}, block_size=config.block_size, scale_method=config.scale_method
+            )
         replace.check_all_quantized(model)
+        name = replace.output_head_name(model)
+        if self.quantization_config.quantize_lm_head and not self.pre_quantized and not (
+            name is not None and isinstance(model.get_submodule(name), MXFP4Linear)
+        ):
+            self.quantization_config.quantize_lm_head = False  # the record says what the checkpoint holds
         if self.pre_quantized:
             replace.check_stored_tensors_loaded(model)
             replace.view_stored_bytes(model)
@@ -187,11 +200,41 @@ class MXFP4HfQuantizer(HfQuantizer):
             return
         card.upload_card_with_push_to_hub(model)
 
+    def _untie_head(self, model: torch.nn.Module) -> str | None:
+        """With ``quantize_lm_head``, a head tied to the input embeddings is not in the checkpoint under
+        its own name, so it stayed float through the load: untie it (the embeddings stay float) and
+        return its name, for the quantization that follows. None when there is nothing to untie."""
+        config = self.quantization_config
+        if self.pre_quantized or not config.quantize_lm_head:
+            return None
+        name = replace.output_head_name(model)
+        if name is None or name not in replace.tied_module_names(model):
+            return None
+        module = model.get_submodule(name)
+        if module.in_features % config.block_size or module.weight.device.type == "meta":
+            why = ("its weight is offloaded (load on one device to quantize it)" if module.weight.device.type == "meta"
+                   else f"in_features {module.in_features} is not a multiple of block_size {config.block_size}")
+            logger.warning("MXFP4Config(quantize_lm_head=True): %s stays unquantized: %s", name, why)
+            return None
+        head, embeddings = replace.untie_output_head(model)
+        # both were listed only because they were tied
+        config.modules_to_not_convert = [m for m in config.modules_to_not_convert if m not in (head, embeddings)]
+        weight = model.get_submodule(head).weight
+        logger.warning(
+            "MXFP4Config(quantize_lm_head=True): %s shares its weight with %s; it is untied and quantized, and "
+            "the embeddings stay %s (MXFP4 embeddings are not supported), so a saved checkpoint holds both "
+            "(%.2f MB more than the tied float weight alone)",
+            head, embeddings, weight.dtype, weight.numel() * config.bits_per_weight / 8 / 1e6,
+        )
+        return head
+
     def _calibrate_and_quantize(self, model: torch.nn.Module) -> None:
         from transformers.utils.logging import is_progress_bar_enabled
 
         config = self.quantization_config
-        names = calibration.eligible_linear_names(model, config.block_size, config.modules_to_not_convert)
+        names = calibration.eligible_linear_names(
+            model, config.block_size, config.modules_to_not_convert, quantize_lm_head=config.quantize_lm_head
+        )
         sequences, record = calibration.calibration_inputs(config.calibration, model)
         if config.algorithm == "gptq":
             quantized = sequential.gptq_sequential(
@@ -204,6 +247,7 @@ class MXFP4HfQuantizer(HfQuantizer):
                 act_order=config.gptq["act_order"],
                 true_sequential=config.gptq["true_sequential"],
                 tune_norms=config.gptq["tune_norms"],
+                end_to_end_norms=config.gptq["end_to_end_norms"],
                 progress=logger.info,
             )
             for name, (packed, scales) in quantized.items():
@@ -216,7 +260,9 @@ class MXFP4HfQuantizer(HfQuantizer):
         tokens, dataset = record["calibration_tokens"], record["dataset"]
         logger.info("%s: calibrated %d Linear layers on %d tokens of %s", config.algorithm, len(names), tokens, dataset)
 
-    def _rescale_on_random_tokens(self, model: torch.nn.Module) -> None:
+    def _rescale_on_random_tokens(self, model: torch.nn.Module, float_head: str | None = None) -> None:
+        """``float_head``: an untied head, still float (it was never in the checkpoint under its name): it
+        is quantized from memory with its statistics, the others from the checkpoint."""
         from transformers.utils.logging import is_progress_bar_enabled
 
         config = self.quantization_config
@@ -235,8 +281,14 @@ class MXFP4HfQuantizer(HfQuantizer):
             config.calibration = None
             return
         sequences, record = calibration.calibration_inputs(config.calibration, model)
-        stats = calibration.collect_activation_stats(model, sequences, names, progress=is_progress_bar_enabled())
+        heads = [float_head] if float_head is not None else []
+        stats = calibration.collect_activation_stats(
+            model, sequences, names + heads, progress=is_progress_bar_enabled()
+        )
+        head_stats = {head: stats.pop(head) for head in heads}
         replace.requantize_linears(model, stats, read_weight, block_size=config.block_size, dtype=model.dtype)
+        if head_stats:
+            replace.quantize_linears_with_weights(model, head_stats, block_size=config.block_size)
         config.calibration = record
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

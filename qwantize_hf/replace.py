@@ -65,19 +65,49 @@ def tied_module_names(model: nn.Module) -> set[str]:
 
 
 def resolve_modules_to_not_convert(
-    model: nn.Module, requested: list[str] | None, *, stored: bool = False
+    model: nn.Module, requested: list[str] | None, *, stored: bool = False, quantize_lm_head: bool = False
 ) -> list[str]:
-    """``lm_head`` + ``_keep_in_fp32_modules``, then the user's list (it adds to them), then every tied
-    module. ``stored``: ``requested`` is a checkpoint's record, the list it was quantized with, and is
-    taken as it is (plus tied modules): a record written before lists were additive may lack ``lm_head``
-    because that checkpoint stores ``lm_head`` quantized."""
+    """``lm_head`` (unless ``quantize_lm_head``) + ``_keep_in_fp32_modules``, then the user's list (it
+    adds to them), then every tied module. ``stored``: ``requested`` is a checkpoint's record, the list
+    it was quantized with, and is taken as it is (plus tied modules): a record written before lists
+    were additive may lack ``lm_head`` because that checkpoint stores ``lm_head`` quantized."""
     if stored and requested is not None:
         skip = list(requested)
     else:
         keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
-        skip = [*DEFAULT_MODULES_TO_NOT_CONVERT, *keep_fp32, *(requested or ())]
+        defaults = () if quantize_lm_head else DEFAULT_MODULES_TO_NOT_CONVERT
+        skip = [*defaults, *keep_fp32, *(requested or ())]
     skip += sorted(tied_module_names(model))
     return sorted(set(skip), key=skip.index)
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """The name of the model's output head (``get_output_embeddings()``, ``lm_head`` in most models)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def untie_output_head(model: nn.Module) -> tuple[str, str] | None:
+    """Give a head whose weight is tied to the input embeddings a weight of its own (a copy), so it can
+    be quantized while the embeddings stay float; the config then says the weights are not tied, so a
+    save stores both and a reload does not tie them again. Returns ``(head, embeddings)`` names, or None
+    when the head is not tied."""
+    name = output_head_name(model)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    key = f"{name}.weight"
+    if name is None or key not in tied and key not in tied.values():
+        return None
+    source = tied.get(key) or next(target for target, value in tied.items() if value == key)
+    head = model.get_submodule(name)
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    for target in [target for target, value in tied.items() if key in (target, value)]:
+        del tied[target]
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    return name, source.rpartition(".")[0]
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -185,9 +215,10 @@ def _store_offloaded(weights_map: Any, key: str, tensor: torch.Tensor) -> None:
 
 
 def quantize_linears_with_weights(
-    model: nn.Module, weights_by_name: dict[str, torch.Tensor], *, block_size: int
+    model: nn.Module, weights_by_name: dict[str, torch.Tensor | None], *, block_size: int, scale_method: str = "mse"
 ) -> None:
-    """Quantize each named ``nn.Linear`` with ``weights=weights_by_name[name]`` (mse) and swap in an MXFP4Linear.
+    """Quantize each named ``nn.Linear`` with ``weights=weights_by_name[name]`` (``scale_method``: mse unless
+    the weights are None) and swap in an MXFP4Linear.
 
     Each weight is quantized where it executes (an offloaded one on its accelerate
     hook's execution device) and its bf16 tensor is dropped as soon as its bytes
@@ -201,7 +232,7 @@ def quantize_linears_with_weights(
         else:
             weight = linear.weight.detach()
         packed, scales = quantize_mxfp4(
-            weight, block_size=block_size, scale_method="mse", weights=per_feature, name=name
+            weight, block_size=block_size, scale_method=scale_method, weights=per_feature, name=name
         )
         del weight
         swap_in_mxfp4(model, name, packed, scales, block_size=block_size)

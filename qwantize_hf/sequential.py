@@ -27,15 +27,29 @@ The pipeline:
    hidden states are kept for it. After the last layer the model's final norm (``model.norm``)
    is fitted the same way, with the LM head after it, to the float model's next-token
    distributions (least KL divergence: what perplexity measures).
-4. The layer goes back where it was (the CPU, for a model loaded there).
+4. With ``end_to_end_norms`` (the default), every norm weight is then fitted once more, all
+   at once, to the same next-token distributions, backpropagating through the whole
+   quantized stack (one sequence a step, two passes): each layer-wise fit matches one
+   layer's outputs, and cannot see what the later layers make of its remaining error; this
+   fit can. Layers that live off the GPU are moved there for this fit when they fit in three
+   quarters of its free memory, and back after it; otherwise they come to it one at a time,
+   for each forward and each backward (``fit_norms_end_to_end``). A step keeps one sequence's
+   hidden state per layer.
+The layers go back where they were (the CPU, for a model loaded there) as soon as they are done.
 
-Peak memory on the compute device: one decoder layer in its float dtype (two with
-``tune_norms``: the float copy), its Hessians (float32, ``in_features^2`` each for the
-group at hand), and the calibration hidden states (two copies, inputs and outputs:
-``sequences x seq_len x hidden`` in the model's dtype; four with ``tune_norms``). The final
-norm's fit adds the LM head and a few sequences' logits in float32 (``seq_len x vocab`` each).
-Linears outside the decoder layers (``lm_head``) are not quantized here. The result is a
-dict ``name -> (packed, scales)``; swapping modules is ``replace.py``'s job.
+Peak memory on the compute device: one decoder layer in its float dtype (two with the norm
+fits: the float copy), its Hessians (float32, ``in_features^2`` each for the group at hand),
+and the calibration hidden states (two copies, inputs and outputs: ``sequences x seq_len x
+hidden`` in the model's dtype; four with the norm fits, five with ``end_to_end_norms``, which
+keeps the first layer's inputs). The final norm's fit and the end-to-end fit add the LM head
+(two with a quantized head: the float one gives the targets), a few sequences' logits in
+float32 (``seq_len x vocab`` each) and, for the end-to-end fit, one sequence's hidden state
+per layer, and all the layers when they fit in three quarters of the GPU's free memory (the
+fit then keeps them there instead of copying each one twice a step). The output head, when it
+is among the Linears to quantize (``quantize_lm_head``),
+is quantized last, its Hessian from the final norm's outputs; other Linears outside the
+decoder layers are refused. The result is a dict ``name -> (packed, scales)``; swapping
+modules is ``replace.py``'s job.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -296,6 +311,141 @@ def fit_norms(
     return before, after
 
 
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _weights_on(module: nn.Module, device: torch.device, masters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's parameters and buffers on ``device`` (copies of those that live elsewhere), with the
+    norm weights taken from their float32 ``masters`` (cast to the module's dtype), for functional_call."""
+    weights = {name: p.detach().to(device) for name, p in module.named_parameters()}
+    weights.update({name: b.to(device) for name, b in module.named_buffers()})
+    weights.update({name: master.to(weights[name].dtype) for name, master in masters.items()})
+    return weights
+
+
+def layerwise_backward(
+    layers: Sequence[nn.Module],
+    masters: Sequence[dict[str, torch.Tensor]],
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    output_loss: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> float:
+    """``output_loss(layers(hidden))``'s gradient into each layer's norm ``masters`` (accumulated in their
+    ``.grad``), one layer at a time: a forward without a graph keeps each layer's input, then each layer
+    is run again, with its graph, from the last one back, and given the gradient of its output. Only one
+    layer's weights and graph are on ``device`` at a time. Returns the loss."""
+    states = []
+    with torch.no_grad():
+        for layer, layer_masters in zip(layers, masters):
+            states.append(hidden)
+            weights = _weights_on(layer, device, layer_masters)
+            hidden = _first(torch.func.functional_call(layer, weights, (hidden,), kwargs))
+    x = hidden.detach().requires_grad_(True)
+    loss = output_loss(x)
+    loss.backward()
+    grad = x.grad
+    for position in range(len(layers) - 1, -1, -1):
+        x = states[position].detach().requires_grad_(position > 0)
+        weights = _weights_on(layers[position], device, masters[position])
+        _first(torch.func.functional_call(layers[position], weights, (x,), kwargs)).backward(grad)
+        grad = x.grad
+    return float(loss.detach())
+
+
+_RESIDENT_RESERVE = 0.25  # share of the GPU's free memory left for the fit's activations and logits
+
+
+def _make_resident(layers: Sequence[nn.Module], device: torch.device) -> list[tuple[nn.Module, torch.device]]:
+    """Move the layers that live elsewhere to ``device`` for the end-to-end fit when they fit in three
+    quarters of its free memory, so that a step does not copy every layer twice; returns the moved
+    layers and their homes (empty when they stay where they are, and the fit streams them)."""
+    if device.type != "cuda":
+        return []
+    away = [layer for layer in layers if any(p.device != device for p in layer.parameters())]
+    size = sum(p.numel() * p.element_size() for layer in away for p in layer.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if not away or size > free * (1 - _RESIDENT_RESERVE):
+        return []
+    homes = [(layer, next(layer.parameters()).device) for layer in away]
+    for layer in away:
+        layer.to(device)
+    return homes
+
+
+def fit_norms_end_to_end(
+    layers: Sequence[nn.Module],
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    output: nn.Module,
+    targets: Callable[[int], torch.Tensor],
+    device: torch.device,
+    epochs: int = NORM_TUNING_EPOCHS,
+    lr: float = NORM_TUNING_LR,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = kl_divergence,
+) -> tuple[float, float]:
+    """Fit every norm weight of ``layers`` and ``output`` at once, so that the whole quantized stack on the
+    first layer's ``inputs``, then ``output`` (the final norm and the LM head), approaches ``targets(i)``
+    (the float model's logits): Adam on float32 copies, ``epochs`` passes, one sequence a step,
+    backpropagating through every layer. The layer-by-layer fits each see one layer; this one lets the
+    early layers' norms correct what the later layers make of their error.
+
+    Memory-bounded like the rest of the pipeline: where the layers live off a GPU and do not fit in three
+    quarters of its free memory, each layer's weights come to ``device`` for its forward and again for
+    its backward; where they fit, they are moved there once for the fit and back after it. A step keeps
+    only the sequence's hidden state at each layer's input. Returns the mean loss over the sequences
+    before and after; the norms change only when it went down."""
+    stages = [*layers, output]
+    norms = [norm_parameters(stage) for stage in stages]
+    if not any(norms) or not inputs:
+        return 0.0, 0.0
+    masters = [{n: p.detach().to(device, torch.float32).clone().requires_grad_(True) for n, p in d.items()}
+               for d in norms]  # fmt: skip
+    optimizer = torch.optim.Adam([m for d in masters for m in d.values()], lr=lr)
+    # the output stage (the LM head) runs every step: its weights stay on the device for the whole fit
+    output_weights = _weights_on(output, device, {})
+
+    def output_loss(hidden: torch.Tensor, index: int) -> torch.Tensor:
+        weights = {**output_weights, **{n: m.to(output_weights[n].dtype) for n, m in masters[-1].items()}}
+        with torch.no_grad():
+            target = targets(index).to(torch.float32)
+        return loss(torch.func.functional_call(output, weights, (hidden,)).to(torch.float32), target)
+
+    def mean_loss() -> float:
+        # layer by layer over all sequences: each layer's weights come to the device once
+        with torch.no_grad():
+            hidden = [h for h, _ in inputs]
+            for layer, layer_masters in zip(layers, masters):
+                weights = _weights_on(layer, device, layer_masters)
+                hidden = [_first(torch.func.functional_call(layer, weights, (h,), kw))
+                          for h, (_, kw) in zip(hidden, inputs)]  # fmt: skip
+                del weights
+            return sum(float(output_loss(h, index)) for index, h in enumerate(hidden)) / len(hidden)
+
+    homes = _make_resident(layers, device)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = [(_trainable(hidden), _trainable(kwargs)) for hidden, kwargs in inputs]
+            before = mean_loss()
+            for _ in range(epochs):
+                for index, (hidden, kwargs) in enumerate(inputs):
+                    head_loss = partial(output_loss, index=index)
+                    layerwise_backward(layers, masters[:-1], hidden, kwargs, head_loss, device)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            after = mean_loss()
+    finally:
+        for layer, home in homes:
+            layer.to(home)
+    if after < before:  # never leave the model worse on its own calibration data
+        with torch.no_grad():
+            for stage_norms, stage_masters in zip(norms, masters):
+                for name, master in stage_masters.items():
+                    stage_norms[name].copy_(master)
+        return before, after
+    return before, before
+
+
 @torch.no_grad()
 def gptq_sequential(
     model: nn.Module,
@@ -308,6 +458,7 @@ def gptq_sequential(
     act_order: bool = True,
     true_sequential: bool = False,
     tune_norms: bool = True,
+    end_to_end_norms: bool = True,
     device: torch.device | None = None,
     input_device: torch.device | None = None,
     progress: Callable[[str], None] | None = None,
@@ -322,7 +473,9 @@ def gptq_sequential(
     on one pass with the layer unquantized (faster, usually a little less accurate). The named Linears'
     weights are left holding their dequantized MXFP4 values (the caller swaps them for
     MXFP4 modules). ``tune_norms``: the decoder layers' normalization weights are fitted after
-    each layer is quantized (see the module docstring); otherwise nothing else in the model changes.
+    each layer is quantized, and the final norm after the last; ``end_to_end_norms``: then all of
+    them at once, to the float model's next-token distributions (see the module docstring);
+    otherwise nothing else in the model changes.
     """
     names = list(module_names)
     if not names:
@@ -332,11 +485,14 @@ def gptq_sequential(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layers_name, layers = decoder_layers(model, names)
     prefix = f"{layers_name}." if layers_name else ""
-    outside = [name for name in names if not name.startswith(prefix)]
+    head = output_head_of(model)
+    head_name = next((name for name in names if head is not None and model.get_submodule(name) is head), None)
+    outside = [name for name in names if not name.startswith(prefix) and name != head_name]
     if outside:
         raise ValueError(
             f"{len(outside)} Linear(s) to quantize sit outside the decoder layers ({layers_name}), first "
-            f"{outside[0]!r}; GPTQ quantizes only decoder-layer Linears: add them to modules_to_not_convert"
+            f"{outside[0]!r}; GPTQ quantizes only decoder-layer Linears and the output head: add them to "
+            "modules_to_not_convert"
         )
     if input_device is None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -344,7 +500,9 @@ def gptq_sequential(
         input_device = torch.device("cpu") if weight is None or weight.device.type == "meta" else weight.device
     inputs = capture_first_layer_inputs(model, layers[0], sequences, input_device)
     inputs = [(hidden.to(device), _to(kwargs, device)) for hidden, kwargs in inputs]
-    float_inputs = list(inputs) if tune_norms else None  # the float model's hidden states
+    first_inputs = inputs  # the end-to-end fit starts from them
+    keep_float = tune_norms or end_to_end_norms
+    float_inputs = list(inputs) if keep_float else None  # the float model's hidden states
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     start = time.perf_counter()
     for index, layer in enumerate(layers):
@@ -354,7 +512,7 @@ def gptq_sequential(
         layer.to(device)
         groups = linear_groups(layer, local, inputs, device) if local else []
         # the float layer: a copy when this one is about to change, else the layer itself
-        float_layer = (copy.deepcopy(layer) if local else layer) if tune_norms else None
+        float_layer = (copy.deepcopy(layer) if local else layer) if keep_float else None
         for position, group in enumerate(groups):
             if true_sequential or position == 0:
                 # true_sequential: each group's inputs are recomputed with the groups before it quantized;
@@ -373,7 +531,7 @@ def gptq_sequential(
         if float_layer is not None:
             float_outputs = _run_layer(float_layer, float_inputs, device)
             del float_layer
-            if local:
+            if local and tune_norms:
                 before, after = fit_norms(layer, inputs, float_outputs)
                 tuned = f", norms tuned: error vs float {before:.2e} -> {after:.2e}"
             float_inputs = [(out, kwargs) for out, (_, kwargs) in zip(float_outputs, float_inputs)]
@@ -382,11 +540,84 @@ def gptq_sequential(
         if progress is not None:
             progress(f"GPTQ layer {index + 1}/{len(layers)} ({time.perf_counter() - start:.0f} s{tuned})")
     final_norm = final_norm_of(model, layers_name)
+    # the float model's output stage, for the end-to-end fit's targets: copies of what is about to change
+    float_output = None
+    if end_to_end_norms:
+        float_output = _output_stage(
+            copy.deepcopy(final_norm) if final_norm is not None else None,
+            copy.deepcopy(head) if head_name is not None else head,
+        )
     if tune_norms and final_norm is not None:
         before, after, measure = fit_final_norm(model, final_norm, inputs, float_inputs, device)
         if progress is not None:
             progress(f"GPTQ final norm tuned: {measure} vs float {before:.2e} -> {after:.2e}")
+    if head_name is not None:
+        packed, scales = _gptq_head(
+            head, final_norm, inputs, device, block_size=block_size, scale_method=scale_method, damping=damping,
+            act_order=act_order, name=head_name,
+        )  # fmt: skip
+        results[head_name] = (packed.cpu(), scales.cpu())
+        if progress is not None:
+            progress(f"GPTQ {head_name} ({time.perf_counter() - start:.0f} s)")
+    if float_output is not None:
+        output, loss = _output_stage(final_norm, head)
+        target_stage = float_output[0]
+        homes = [(m, next(m.parameters(recurse=False)).device) for m in target_stage.modules()
+                 if any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+        target_stage.to(device)
+        try:
+            before, after = fit_norms_end_to_end(
+                layers, first_inputs, output, lambda index: target_stage(float_inputs[index][0]), device, loss=loss
+            )
+        finally:
+            for module, home in homes:
+                module.to(home)
+        if progress is not None:
+            progress(f"GPTQ norms tuned end to end ({time.perf_counter() - start:.0f} s): "
+                     f"{'KL' if loss is kl_divergence else 'error'} vs float {before:.2e} -> {after:.2e}")
     return results
+
+
+def _output_stage(
+    norm: nn.Module | None, head: nn.Module | None
+) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """What follows the decoder layers, and the loss its outputs are compared with: the final norm and
+    the LM head (the logits, by KL divergence), or the norm alone (relative error) without a plain head."""
+    if head is not None:
+        return _FinalLogits(norm if norm is not None else nn.Identity(), head), kl_divergence
+    return (norm if norm is not None else nn.Identity()), relative_error
+
+
+def _gptq_head(
+    head: nn.Linear,
+    final_norm: nn.Module | None,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    device: torch.device,
+    *,
+    name: str,
+    **settings: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of the output head, after every decoder layer: its inputs are the final norm's outputs on the
+    last quantized layer's hidden states. The head then holds its dequantized weight, like the others."""
+    homes = [(module, next(module.parameters()).device) for module in (head, final_norm) if module is not None]
+    for module, _ in homes:
+        module.to(device)
+    try:
+        hessian = torch.zeros(head.in_features, head.in_features, dtype=torch.float32, device=device)
+        count = 0
+        for hidden, _ in inputs:
+            x = final_norm(hidden) if final_norm is not None else hidden
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            hessian.addmm_(x.T, x)
+            count += x.shape[0]
+        packed, scales = gptq_quantize(head.weight, hessian / max(count, 1), name=name, **settings)
+        head.weight.copy_(
+            dequantize_mxfp4(packed, scales, block_size=settings["block_size"], dtype=head.weight.dtype)
+        )
+        return packed, scales
+    finally:
+        for module, home in homes:
+            module.to(home)
 
 
 class _FinalLogits(nn.Module):

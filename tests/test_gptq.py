@@ -17,6 +17,7 @@ from qwantize_hf.sequential import (
     final_norm_of,
     gptq_sequential,
     kl_divergence,
+    layerwise_backward,
     linear_groups,
     norm_parameters,
     output_head_of,
@@ -328,3 +329,84 @@ def test_fit_losses_weigh_every_token_the_same_and_vanish_at_the_target():
     out[:, 1:] *= 1.1  # 10% off on the other 4 tokens of each sequence: 1% relative squared error each
     assert float(relative_error(out, target)) == pytest.approx(0.01 * 4 / 5, rel=1e-4)
 
+
+
+def test_the_head_is_quantized_last_on_the_final_norms_outputs_of_the_quantized_model():
+    torch.manual_seed(3)
+    float_model = HeadedLM()
+    model = copy.deepcopy(float_model)
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")] + ["lm_head"]
+    results = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"),
+                              end_to_end_norms=False)  # fmt: skip
+    # the head's Hessian: the (tuned) final norm's outputs on the hidden states of the quantized layers
+    hessian, count = torch.zeros(32, 32), 0
+    with torch.no_grad():
+        for ids in sequences():
+            x = NormedLM.forward(model, ids[None]).reshape(-1, 32)
+            hessian.addmm_(x.T, x)
+            count += x.shape[0]
+    expected = gptq_quantize(float_model.lm_head.weight, hessian / count, block_size=32, act_order=True)
+    assert torch.equal(results["lm_head"][0], expected[0]) and torch.equal(results["lm_head"][1], expected[1])
+    float_hessian = torch.zeros(32, 32)
+    with torch.no_grad():
+        for ids in sequences():
+            x = NormedLM.forward(float_model, ids[None]).reshape(-1, 32)
+            float_hessian.addmm_(x.T, x)
+    assert not torch.equal(gptq_quantize(float_model.lm_head.weight, float_hessian / count, block_size=32,
+                                         act_order=True)[0], expected[0])  # fmt: skip
+    assert torch.equal(model.lm_head.weight, dequantize_mxfp4(*results["lm_head"], block_size=32))
+    # any other Linear outside the decoder layers is still refused
+    model = HeadedLM()
+    model.side = nn.Linear(32, 32, bias=False)
+    with pytest.raises(ValueError, match="outside the decoder layers.*'side'"):
+        gptq_sequential(model, sequences(), ["layers.0.gate", "side"], block_size=32, device=torch.device("cpu"))
+
+
+def test_the_layerwise_backward_gives_the_gradients_of_the_whole_graph():
+    torch.manual_seed(4)
+    model = HeadedLM()
+    target = torch.randn(1, 16, 50)
+    hidden = model.embed(sequences()[0][None]).detach()
+    layers = list(model.layers)
+    masters = [{n: p.detach().clone().requires_grad_(True) for n, p in norm_parameters(layer).items()}
+               for layer in layers]  # fmt: skip
+
+    def output_loss(x):
+        return kl_divergence(model.lm_head(model.norm(x)), target)
+
+    loss = layerwise_backward(layers, masters, hidden, {"scale": 0.5}, output_loss, torch.device("cpu"))
+    got = [{n: m.grad.clone() for n, m in d.items()} for d in masters]
+    for d in masters:
+        for m in d.values():
+            m.grad = None
+    x = hidden
+    for layer, layer_masters in zip(layers, masters):
+        x = torch.func.functional_call(layer, {**dict(layer.named_parameters()), **layer_masters}, (x,), {"scale": 0.5})
+    whole = output_loss(x)
+    whole.backward()
+    assert loss == pytest.approx(float(whole.detach()), rel=1e-6)
+    for expected, actual in zip(masters, got):
+        for name, master in expected.items():
+            torch.testing.assert_close(actual[name], master.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_end_to_end_norms_bring_the_model_closer_than_the_layer_wise_fits_alone():
+    torch.manual_seed(2)
+    float_model = HeadedLM()
+    with torch.no_grad():
+        target = [float_model(ids[None]) for ids in sequences()]
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("gate", "up", "down")]
+    kl, results, norms = {}, {}, {}
+    for end_to_end in (False, True):
+        model = copy.deepcopy(float_model)
+        results[end_to_end] = gptq_sequential(model, sequences(), names, block_size=32, device=torch.device("cpu"),
+                                              end_to_end_norms=end_to_end)  # fmt: skip
+        with torch.no_grad():
+            kl[end_to_end] = sum(float(kl_divergence(model(ids[None]), t)) for ids, t in zip(sequences(), target))
+        norms[end_to_end] = [p.detach().clone() for n, p in model.named_parameters() if "norm" in n]
+    assert kl[True] < kl[False]
+    # the fit comes after every weight is quantized: the same bytes, other norms
+    assert all(torch.equal(results[False][n][i], results[True][n][i]) for n in names for i in (0, 1))
+    assert all(not torch.equal(a, b) for a, b in zip(norms[False], norms[True]))
+    # the head is the float one and is never changed; the target is the float model, not the tuned one
+    assert torch.equal(model.lm_head.weight, float_model.lm_head.weight)

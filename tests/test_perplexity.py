@@ -145,7 +145,9 @@ def tiny_run(tmp_path_factory):
 
 def test_every_method_scores_the_same_tokens_and_the_json_has_the_card_schema(tiny_run):
     settings, run = tiny_run
-    assert [m["method"] for m in run["methods"]] == ["bf16", "naive", "even", "mse", "mse-random", "mse-act", "gptq"]
+    assert [m["method"] for m in run["methods"]] == [
+        "bf16", "naive", "even", "mse", "mse-random", "mse-random-head", "mse-act", "gptq"
+    ]  # fmt: skip
     assert {m["tokens_scored"] for m in run["methods"]} == {settings.tokens} == {run["tokens_scored"]}
     for key in ("model", "model_note", "text", "tokens_scored", "context_length", "stride", "machine", "versions",
                 "command", "methods"):
@@ -190,6 +192,10 @@ def test_per_layer_report_matches_a_direct_computation(tiny_run):
     reference = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.bfloat16)
     names = eligible_linear_names(reference, 32)
     assert sorted(run["layers"]["mse"]) == sorted(names)
+    # the row with the output head quantized reports it with the rest, quantized as the default is
+    assert sorted(run["layers"]["mse-random-head"]) == sorted([*names, "lm_head"])
+    for name in names:
+        assert run["layers"]["mse-random-head"][name] == run["layers"]["mse-random"][name]
     for method in ("naive", "even", "mse"):
         for name in names:
             w = reference.get_submodule(name).weight.detach()

@@ -285,6 +285,7 @@ def test_save_writes_the_checkpoint_contract(bf16_checkpoints, mxfp4_checkpoints
         "block_size": 32,
         "scale_method": "mse",
         "modules_to_not_convert": ["lm_head"],
+        "quantize_lm_head": False,
         "base_model": None,
         # the default's data-free statistics: token ids drawn from the vocabulary, never a text
         "calibration": {"dataset": "random-tokens", "seed": 0, "vocab_size": 256, "calibration_tokens": 32768,

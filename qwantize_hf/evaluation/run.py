@@ -76,6 +76,13 @@ METHODS: dict[str, Method] = {
         {"scale_method": "mse"},
         random_tokens=True,
     ),
+    # what quantizing the output head too costs: the default with quantize_lm_head=True
+    "mse-random-head": Method(
+        "the default with the output head quantized too (quantize_lm_head=True; a tied head is untied, the "
+        "embeddings stay bf16)",
+        {"scale_method": "mse", "quantize_lm_head": True},
+        random_tokens=True,
+    ),
     "mse-act": Method(
         "least squared error weighted by each input feature's mean square activation (calibration text)",
         {"scale_method": "mse"},
@@ -250,8 +257,10 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
     )
     bits, model_bits = storage_bits_per_weight(baseline_model)
     results = [MethodResult(BASELINE, baseline, bits, model_bits, load_time)]
-    names = eligible_linear_names(baseline_model, settings.block_size)
-    reference = {name: baseline_model.get_submodule(name).weight.detach().to("cpu") for name in names}
+    # what each method quantizes: the same Linears, and the output head too where it asks for it
+    names = {head: eligible_linear_names(baseline_model, settings.block_size, quantize_lm_head=head)
+             for head in (False, True)}  # fmt: skip
+    reference = {name: baseline_model.get_submodule(name).weight.detach().to("cpu") for name in names[True]}
 
     del baseline_model
 
@@ -285,10 +294,11 @@ def run_comparison(settings: RunSettings) -> dict[str, Any]:
             }
         load_time = time.perf_counter() - start
         quantized = quantized_modules(model)
-        if sorted(quantized) != sorted(names):
+        eligible = names[METHODS[method].config.get("quantize_lm_head", False)]
+        if sorted(quantized) != sorted(eligible):
             raise RuntimeError(
-                f"{method}: the quantizer swapped {len(quantized)} Linears but {len(names)} are eligible "
-                f"({sorted(set(quantized) ^ set(names))[:3]} differ); the per-layer report would be wrong"
+                f"{method}: the quantizer swapped {len(quantized)} Linears but {len(eligible)} are eligible "
+                f"({sorted(set(quantized) ^ set(eligible))[:3]} differ); the per-layer report would be wrong"
             )
         layers = {name: layer_stats(reference[name], module) for name, module in quantized.items()}
         result = token_nll_data_parallel(
