@@ -9,7 +9,9 @@ The op ``qwantize_hf::mxfp4_linear(x, packed, scales, bias, block_size)`` has
   fused Triton kernels (``qwantize_hf.kernels.matmul_dispatch``), which never write the
   dequantized weight to memory; for more rows, dequantize + cuBLAS, faster there;
 - a CPU implementation (also the CUDA one for float32 activations):
-  ``dequantize_mxfp4`` + ``F.linear`` in the input dtype, the kernel's torch twin.
+  ``dequantize_mxfp4`` + ``F.linear`` in the input dtype, the kernel's torch twin;
+- autograd for the input and the bias (``grad_y @ W``, the weight dequantized again in the
+  gradient's dtype, never kept): the weight is frozen, its codes and scales are integers.
 
 Every check on user input happens in ``check_mxfp4_linear_args``, which the fake
 implementation runs too, so a bad shape fails at trace time with the same message.
@@ -148,6 +150,42 @@ def _fused(
     return out.reshape(*lead, packed.shape[0])
 
 
+@torch.library.custom_op("qwantize_hf::mxfp4_linear_grad_input", mutates_args=())
+def _grad_input_op(grad: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``grad [..., N] @ W`` for ``W [N, K]`` (one weight of a stack per matrix of rows), the weight
+    dequantized in the gradient's dtype: the transposed product, an op of its own so that a compiled
+    backward traces it as one call."""
+    weight = dequantize_mxfp4(packed, scales, block_size=block_size, dtype=grad.dtype)
+    return torch.matmul(grad, weight)
+
+
+@_grad_input_op.register_fake
+def _grad_input_fake(grad: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
+    return grad.new_empty(*grad.shape[:-1], packed.shape[-1] * F4_CODES_PER_BYTE)
+
+
+def _setup_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, packed, scales, bias, block_size = inputs
+    ctx.save_for_backward(packed, scales)
+    ctx.block_size = block_size
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """The input's gradient ``grad @ W`` (the weight dequantized in the gradient's dtype, one weight of a
+    stack per matrix of rows) and the bias's; the codes and scales are integers and never get one."""
+    packed, scales = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.qwantize_hf.mxfp4_linear_grad_input(grad, packed, scales, ctx.block_size)
+    if ctx.needs_input_grad[3]:
+        stacked = packed.ndim > 2
+        grad_bias = grad.sum(dim=-2) if stacked else grad.reshape(-1, grad.shape[-1]).sum(dim=0)
+    return grad_x, None, None, grad_bias, None
+
+
+_mxfp4_linear_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
 @_mxfp4_linear_op.register_fake
 def _mxfp4_linear_fake(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, block_size: int
@@ -184,7 +222,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def plain_eager_call(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """True when nothing needs the registered op: no compiler or tracer is watching, the
-    inputs are ordinary CPU/CUDA tensors, and no gradient is wanted (the op has none)."""
+    inputs are ordinary CPU/CUDA tensors, and no gradient is wanted (the op's autograd gives it)."""
     if torch.compiler.is_compiling():
         return False
     if any(t is not None and type(t) not in _PLAIN_TYPES for t in (x, packed, scales, bias)):
