@@ -8,7 +8,8 @@ the text), quantizes its Linears and moves it back. Reports the whole time (the 
 forward passes included), the time per layer, and the peak GPU memory the pipeline
 allocated, beside the bf16 size of one layer and of the whole model. The final norm's fit
 through the LM head (KL against the float model's logits) and the end-to-end fit of every norm
-weight (``end_to_end_norms``: each layer comes to the GPU for each forward and each backward) are
+weight (``end_to_end_norms``: the layers move to the GPU for it when they fit in three quarters of
+its free memory, else each comes there for each forward and each backward) are
 part of the time and the peak; the end-to-end fit's own time is reported too. Also checks, on layer
 0's largest Linear, that GPTQ's output error is below round-to-nearest's on the calibration
 inputs (a correctness check before anything is timed). GPU only.

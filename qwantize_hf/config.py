@@ -71,8 +71,9 @@ class MXFP4Config(QuantizationConfigMixin):
         scale_method: ``"mse"`` (least squared error, default; weighted by activations with
             ``calibration``), ``"naive"`` (OCP MX) or ``"even"``.
         modules_to_not_convert: module names (or dotted suffixes of them) to keep unquantized, in
-            addition to ``lm_head``, the model's ``_keep_in_fp32_modules`` and tied modules, which
-            always stay unquantized. config.json records the whole list the model was quantized with.
+            addition to ``lm_head`` (unless ``quantize_lm_head``), the model's
+            ``_keep_in_fp32_modules`` and tied modules, which stay unquantized. config.json
+            records the whole list the model was quantized with.
         quantize_lm_head: also quantize the output head (``lm_head``), which stays float by default
             (it is the most sensitive Linear; the eval measures what quantizing it costs). A head
             tied to the input embeddings is untied: it gets an MXFP4 weight of its own and the
