@@ -6,6 +6,8 @@ runs it on 5.17).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -131,3 +133,17 @@ def test_a_head_that_cannot_be_quantized_stays_float_and_the_record_says_so(tmp_
         model.save_pretrained(tmp_path / f"saved-{tied}")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"saved-{tied}")
         assert type(reloaded.lm_head) is nn.Linear
+
+
+def test_a_quantized_head_goes_through_compressed_tensors_and_back(checkpoints, tmp_path):
+    from qwantize_hf.integrations.compressed_tensors import from_compressed_tensors, to_compressed_tensors
+
+    model = load(checkpoints["tied"], calibration=None)
+    model.save_pretrained(tmp_path / "mxfp4")
+    to_compressed_tensors(tmp_path / "mxfp4", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == [] and config["tie_word_embeddings"] is False
+    from_compressed_tensors(tmp_path / "ct", tmp_path / "back")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.bfloat16)
+    assert_same_bytes(back.lm_head, (model.lm_head.weight, model.lm_head.weight_scale))
+    assert torch.equal(back(input_ids()).logits, model(input_ids()).logits)
