@@ -12,17 +12,15 @@ from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_MAX_QUANTIZE
 from qwantize_hf.format import E2M1_MIDPOINTS, e2m1_magnitude_index
 from qwantize_hf.gptq import _BOUNDARIES, block_weights, gptq_quantize, inverse_hessian_factor, magnitude_index
-from qwantize_hf.sequential import (
-    _hessians,
+from qwantize_hf.norm_fits import (
     final_norm_of,
-    gptq_sequential,
     kl_divergence,
     layerwise_backward,
-    linear_groups,
     norm_parameters,
     output_head_of,
     relative_error,
 )
+from qwantize_hf.sequential import _hessians, gptq_sequential, linear_groups
 from tests.mx_values import adversarial, block_sse_f64
 
 
