@@ -37,7 +37,7 @@ from transformers.quantizers import auto as transformers_auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from qwantize_hf import calibration, card, replace, sequential
+from qwantize_hf import calibration, card, read_back, replace, sequential
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
@@ -184,11 +184,10 @@ class MXFP4HfQuantizer(HfQuantizer):
                 model, {head: None}, block_size=config.block_size, scale_method=config.scale_method
             )
         replace.check_all_quantized(model)
-        name = replace.output_head_name(model)
-        if self.quantization_config.quantize_lm_head and not self.pre_quantized and not (
-            name is not None and isinstance(model.get_submodule(name), MXFP4Linear)
-        ):
-            self.quantization_config.quantize_lm_head = False  # the record says what the checkpoint holds
+        if self.quantization_config.quantize_lm_head and not self.pre_quantized:
+            name = replace.output_head_name(model)
+            if name is None or not isinstance(model.get_submodule(name), MXFP4Linear):
+                self.quantization_config.quantize_lm_head = False  # the record says what the checkpoint holds
         if self.pre_quantized:
             replace.check_stored_tensors_loaded(model)
             replace.view_stored_bytes(model)
@@ -266,12 +265,12 @@ class MXFP4HfQuantizer(HfQuantizer):
         from transformers.utils.logging import is_progress_bar_enabled
 
         config = self.quantization_config
-        names = replace.mxfp4_module_names(model)
+        names = read_back.mxfp4_module_names(model)
         try:
-            read_weight = replace.float_weight_reader(
+            read_weight = read_back.float_weight_reader(
                 self._checkpoint_files, model, names, block_size=config.block_size, dtype=model.dtype
             )
-        except replace.FloatWeightsUnavailable as why:
+        except read_back.FloatWeightsUnavailable as why:
             logger.warning(
                 "MXFP4Config: the random-token statistics need each float weight read again from the checkpoint, "
                 "and %s; the weights keep the scales of plain mse (config.json records no calibration). Pass "
@@ -286,7 +285,7 @@ class MXFP4HfQuantizer(HfQuantizer):
             model, sequences, names + heads, progress=is_progress_bar_enabled()
         )
         head_stats = {head: stats.pop(head) for head in heads}
-        replace.requantize_linears(model, stats, read_weight, block_size=config.block_size, dtype=model.dtype)
+        read_back.requantize_linears(model, stats, read_weight, block_size=config.block_size, dtype=model.dtype)
         if head_stats:
             replace.quantize_linears_with_weights(model, head_stats, block_size=config.block_size)
         config.calibration = record

@@ -164,30 +164,32 @@ def test_the_default_is_random_tokens_and_holds_no_float_model(checkpoints, monk
 
 
 def test_float_weights_that_cannot_be_read_back_leave_plain_mse_and_say_so(checkpoints, monkeypatch, caplog, tmp_path):
-    import qwantize_hf.replace as replace
+    import qwantize_hf.read_back as read_back
 
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=plain_mse())
     stored = [str(checkpoints["llama"] / "model.safetensors")]
 
     def reader(files, names):
-        return replace.float_weight_reader(files, model, names, block_size=32, dtype=torch.bfloat16)
+        return read_back.float_weight_reader(files, model, names, block_size=32, dtype=torch.bfloat16)
 
     reader(stored, ["model.layers.0.mlp.up_proj"])  # the checkpoint it came from reads back
-    with pytest.raises(replace.FloatWeightsUnavailable, match="not a .safetensors file"):
+    with pytest.raises(read_back.FloatWeightsUnavailable, match="not a .safetensors file"):
         reader([str(tmp_path / "pytorch_model.bin")], ["model.layers.0.mlp.up_proj"])
-    with pytest.raises(replace.FloatWeightsUnavailable, match="has no tensor model.layers.0.mlp.nope.weight"):
+    with pytest.raises(read_back.FloatWeightsUnavailable, match="has no tensor model.layers.0.mlp.nope.weight"):
         reader(stored, ["model.layers.0.mlp.nope"])
-    with pytest.raises(replace.FloatWeightsUnavailable, match="did not come from checkpoint files"):
+    with pytest.raises(read_back.FloatWeightsUnavailable, match="did not come from checkpoint files"):
         reader(None, ["model.layers.0.mlp.up_proj"])
     # a checkpoint whose tensor is not the one the model loaded (here: another model's) is refused
     other = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], quantization_config=plain_mse())
-    with pytest.raises(replace.FloatWeightsUnavailable, match="is not the weight model.layers.0.mlp.up_proj"):
-        replace.float_weight_reader(stored, other, ["model.layers.0.mlp.up_proj"], block_size=32, dtype=torch.bfloat16)
+    with pytest.raises(read_back.FloatWeightsUnavailable, match="is not the weight model.layers.0.mlp.up_proj"):
+        read_back.float_weight_reader(
+            stored, other, ["model.layers.0.mlp.up_proj"], block_size=32, dtype=torch.bfloat16
+        )
 
     def unreadable(*args, **kwargs):
-        raise replace.FloatWeightsUnavailable("the checkpoint renames its tensors")
+        raise read_back.FloatWeightsUnavailable("the checkpoint renames its tensors")
 
-    monkeypatch.setattr(replace, "float_weight_reader", unreadable)
+    monkeypatch.setattr(read_back, "float_weight_reader", unreadable)
     with caplog.at_level("WARNING", logger="qwantize_hf.quantizer"):
         fallback = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=MXFP4Config())
     assert "the checkpoint renames its tensors" in caplog.text and "calibration=None" in caplog.text
@@ -268,6 +270,7 @@ def test_reload_is_bit_identical_without_recalibrating(calibrated_llama, monkeyp
     monkeypatch.setattr("qwantize_hf.calibration.calibration_inputs", refuse)
     monkeypatch.setattr("qwantize_hf.calibration.collect_activation_stats", refuse)
     monkeypatch.setattr("qwantize_hf.replace.quantize_mxfp4", refuse)
+    monkeypatch.setattr("qwantize_hf.read_back.quantize_mxfp4", refuse)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert_same_tensors(model.state_dict(), reloaded.state_dict())
     with torch.no_grad():

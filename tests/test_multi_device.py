@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qwantize_hf import MXFP4Config, MXFP4Linear
 from qwantize_hf.quantizer import MXFP4HfQuantizer
-from qwantize_hf.replace import READ_BACK
+from qwantize_hf.read_back import READ_BACK
 from tests.tiny_models import COMMON, assert_same_tensors, input_ids, save_random_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +53,14 @@ class QuantizeSpy:
     """Wraps the quantize call of the load-time op and records, per layer, the device and dtype it got."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import qwantize_hf.read_back
         import qwantize_hf.replace
 
         self.calls: list[tuple[str, torch.device, torch.dtype]] = []
         self.real = qwantize_hf.replace.quantize_mxfp4
-        monkeypatch.setattr(qwantize_hf.replace, "quantize_mxfp4", self)
+        # the load-time op, and the random-token pass that reads each weight back
+        for module in (qwantize_hf.replace, qwantize_hf.read_back):
+            monkeypatch.setattr(module, "quantize_mxfp4", self)
 
     def __call__(self, tensor: torch.Tensor, *args, **kwargs):
         self.calls.append((kwargs.get("name"), tensor.device, tensor.dtype))
@@ -197,6 +200,7 @@ def test_reload_under_another_device_map_is_bit_identical(quantized_split, label
 
     full_bytes = AutoModelForCausalLM.from_pretrained(folder).get_memory_footprint()
     monkeypatch.setattr("qwantize_hf.replace.quantize_mxfp4", refuse)
+    monkeypatch.setattr("qwantize_hf.read_back.quantize_mxfp4", refuse)
     model = AutoModelForCausalLM.from_pretrained(
         folder, offload_folder=tmp_path / "offload", **reload_maps(full_bytes)[label]
     )

@@ -46,6 +46,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import qwantize_hf
+import qwantize_hf.read_back
 import qwantize_hf.replace
 from qwantize_hf import MXFP4Config, MXFP4Linear
 from qwantize_hf.evaluation.shapes import CONFIGS
@@ -137,15 +138,17 @@ class QuantizeSpy:
 
         def spy(tensor: torch.Tensor, *args, **kwargs):
             name = kwargs.get("name", "?")
-            self.devices.setdefault(name.removesuffix(qwantize_hf.replace.READ_BACK), set()).add(str(tensor.device))
+            self.devices.setdefault(name.removesuffix(qwantize_hf.read_back.READ_BACK), set()).add(str(tensor.device))
             self.calls[name] = self.calls.get(name, 0) + 1
             return self.real(tensor, *args, **kwargs)
 
-        qwantize_hf.replace.quantize_mxfp4 = spy
+        qwantize_hf.replace.quantize_mxfp4 = spy  # the load-time op
+        qwantize_hf.read_back.quantize_mxfp4 = spy  # the random-token pass that reads each weight back
         return self
 
     def __exit__(self, *exc) -> None:
         qwantize_hf.replace.quantize_mxfp4 = self.real
+        qwantize_hf.read_back.quantize_mxfp4 = self.real
 
 
 def gpu_indices() -> list[int]:
