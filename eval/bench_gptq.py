@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf import dequantize_mxfp4, norm_fits, quantize_mxfp4
 from qwantize_hf.calibration import eligible_linear_names
 from qwantize_hf.evaluation.shapes import CONFIGS
 from qwantize_hf.gptq import gptq_quantize
@@ -83,10 +83,16 @@ def main() -> None:
     parser.add_argument("--no-act-order", dest="act_order", action="store_false")
     parser.add_argument("--true-sequential", action="store_true")
     parser.add_argument("--no-end-to-end-norms", dest="end_to_end_norms", action="store_false")
+    parser.add_argument(
+        "--stream-end-to-end", action="store_true",
+        help="the end-to-end fit streams each layer to the GPU even where all of them fit there (a small GPU's path)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda", help="where the layers are processed (cpu: a dry run)")
     parser.add_argument("--out", help="write the Markdown table here too")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.stream_end_to_end:
+        norm_fits._fit_on = lambda layers, device: False  # as where the layers do not fit on the GPU
     cuda = device.type == "cuda"
     start = time.perf_counter()
     model = random_model(args.shape, args.layers, device)
@@ -99,6 +105,7 @@ def main() -> None:
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     times: list[float] = []
+    peaks: list[int] = []  # peak GPU memory allocated so far, at each progress line
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,6 +116,7 @@ def main() -> None:
     def progress(message: str) -> None:
         now = time.perf_counter()
         times.append(now - last[0])
+        peaks.append(torch.cuda.max_memory_allocated(device) if cuda else 0)
         last[0] = now
         print(message, flush=True)
 
@@ -133,6 +141,7 @@ def main() -> None:
         f"- Command: `python eval/bench_gptq.py{'' if args.act_order else ' --no-act-order'}"
         f"{' --true-sequential' if args.true_sequential else ''}"
         f"{'' if args.end_to_end_norms else ' --no-end-to-end-norms'}"
+        f"{' --stream-end-to-end' if args.stream_end_to_end else ''}"
         f"{f' --layers {args.layers}' if args.layers else ''}`",
         f"- Check before timing: {check}",
         "",
@@ -142,9 +151,20 @@ def main() -> None:
         f"| per decoder layer (its calibration forwards, Hessians, GPTQ and norm fit), median (min-max) | "
         f"{sorted(layer_times)[len(layer_times) // 2]:.2f} s "
         f"({min(layer_times):.2f}-{max(layer_times):.2f}) |",
-        *([f"| the end-to-end fit of every norm weight (2 passes, one sequence a step) | {times[-1]:.1f} s |"]
-          if args.end_to_end_norms else []),  # fmt: skip
+        *(
+            [f"| the end-to-end fit of every norm weight (2 passes, one sequence a step) | {times[-1]:.1f} s |"]
+            if args.end_to_end_norms
+            else []
+        ),  # fmt: skip
         f"| peak GPU memory allocated by the pipeline | {peak / gib:.2f} GiB |",
+        *(
+            [
+                f"| peak GPU memory before the end-to-end fit (the layer-by-layer part) | "
+                f"{(peaks[-2] - baseline) / gib:.2f} GiB |"
+            ]
+            if args.end_to_end_norms and cuda
+            else []
+        ),  # fmt: skip
         f"| one decoder layer in bf16 | {layer_bytes / gib:.2f} GiB |",
         f"| the whole model in bf16 (stays in CPU memory) | {model_bytes / gib:.2f} GiB |",
         "| building the random model (drawn on the device, held in CPU memory; not part of the pipeline) | "
