@@ -9,7 +9,7 @@ TF_OLDEST ?= 5.17.0
 VENV_TF_OLDEST ?= .venv-tf517
 PLUGIN_TESTS := tests/test_config.py tests/test_plugin.py tests/test_registration.py tests/test_push_to_hub.py \
 	tests/test_calibrated_plugin.py tests/test_bench_generate.py tests/test_gptq_plugin.py tests/test_corrupt_checkpoints.py tests/test_lm_head.py \
-	tests/test_linear_grad.py
+	tests/test_linear_grad.py tests/test_lora.py
 
 .PHONY: test test-tf-oldest lint venv clean
 
@@ -26,7 +26,8 @@ $(VENV_TF_OLDEST)/.installed-test: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV_TF_OLDEST)
 	$(VENV_TF_OLDEST)/bin/python -m pip install -q --upgrade pip
 	tools/install-torch.sh $(VENV_TF_OLDEST)
-	$(VENV_TF_OLDEST)/bin/python -m pip install -q -e . 'transformers==$(TF_OLDEST)' 'pytest>=8' 'triton==3.6.0' numpy
+	$(VENV_TF_OLDEST)/bin/python -m pip install -q -e '.[peft]' 'transformers==$(TF_OLDEST)' 'pytest>=8' 'triton==3.6.0' numpy \
+		'gensim>=4.3'  # gensim: the LoRA tests fine-tune on its Lee corpus
 	touch $@
 
 test-tf-oldest: $(VENV_TF_OLDEST)/.installed-test

@@ -57,6 +57,12 @@ class MXFP4Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self._float_dtype = bias_dtype
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The float dtype the layer stands for (its bias's; else the dtype of the weight it replaced)."""
+        return self.bias.dtype if self.bias is not None else self._float_dtype
 
     @classmethod
     def like(cls, linear: nn.Linear, *, block_size: int, device: torch.device | str) -> MXFP4Linear:
@@ -93,6 +99,21 @@ class MXFP4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight ``[out, in]`` the layer multiplies by, as ``dtype``."""
         return dequantize_mxfp4(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A new ``nn.Linear`` on this layer's device holding ``dequantize(weight)`` (and a copy of the bias) as
+        ``dtype`` (default ``float_dtype``): the float layer this one stands for, trainable like any other."""
+        if self.weight.device.type == "meta":
+            raise RuntimeError(
+                "this MXFP4Linear is offloaded (its weight is on the meta device), so it cannot be dequantized "
+                "in place; load with device_map on a single device (e.g. 'cpu' or 'cuda') to dequantize"
+            )
+        dtype = dtype or self.float_dtype
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(self.dequantized_weight(dtype))
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype))
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The custom op: the fused Triton kernel for CUDA bf16/fp16 decode-sized

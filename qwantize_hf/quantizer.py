@@ -197,6 +197,7 @@ class MXFP4HfQuantizer(HfQuantizer):
             count = replace.dequantize_linears(model, model.config.dtype)
             logger.info("dequantized %d MXFP4Linear layers to nn.Linear", count)
             return
+        self._mxfp4_names = read_back.mxfp4_module_names(model)
         card.upload_card_with_push_to_hub(model)
 
     def _untie_head(self, model: torch.nn.Module) -> str | None:
@@ -300,15 +301,41 @@ class MXFP4HfQuantizer(HfQuantizer):
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
 
+    def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[dict | None, dict]:
+        # save_pretrained asks for this first: refuse a model whose MXFP4 layers became float since loading
+        # (a LoRA adapter merged into them), which a checkpoint labelled MXFP4 would store unreadably
+        skip = self.quantization_config.modules_to_not_convert
+        floats = [
+            name for name in getattr(self, "_mxfp4_names", ())
+            if isinstance(_submodule_or_none(model, name), torch.nn.Linear) and not replace.module_matches(name, skip)
+        ]  # fmt: skip
+        if floats:
+            raise ValueError(
+                f"{len(floats)} layer(s) loaded as MXFP4Linear are float now (first {floats[0]}; a merged LoRA "
+                "adapter?), and a checkpoint labelled MXFP4 cannot hold them. Save a float model with "
+                "qwantize_hf.lora.merge_and_dequantize(peft_model) (or model.dequantize()), or unmerge the "
+                "adapter and save it alone with peft_model.save_pretrained"
+            )
+        return None, {}
+
     @property
     def is_trainable(self) -> bool:
-        return False
+        # adapters train on the frozen MXFP4 base: the op has autograd for its input (linear_op.py) and
+        # PEFT LoRA wraps MXFP4Linear through qwantize_hf.lora; the codes and scales never train
+        return True
 
     @property
     def is_compileable(self) -> bool:
         # MXFP4Linear's product is a torch.library custom op with a fake implementation
         # (qwantize_hf/linear_op.py): torch.compile traces it and CUDA graphs capture it.
         return True
+
+
+def _submodule_or_none(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 # --------------------------------------------------------------------------- registration

@@ -424,23 +424,11 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> in
     for name, module in list(model.named_modules()):
         if not isinstance(module, MXFP4Linear):
             continue
-        if module.weight.device.type == "meta":
-            raise RuntimeError(
-                f"{name} is offloaded (its weight is on the meta device), so it cannot be dequantized in "
-                "place; load with device_map on a single device (e.g. 'cpu' or 'cuda') to dequantize"
-            )
-        target = dtype or (module.bias.dtype if module.bias is not None else torch.bfloat16)
-        linear = nn.Linear(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            device="meta",
-            dtype=target,
-        )
-        # A plain model again: trainable like any nn.Linear.
-        linear.weight = nn.Parameter(module.dequantized_weight(target))
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().to(target))
+        try:
+            # a plain model again: trainable like any nn.Linear
+            linear = module.to_linear(dtype or (module.bias.dtype if module.bias is not None else torch.bfloat16))
+        except RuntimeError as error:
+            raise RuntimeError(f"{name}: {error}") from None
         _set_submodule(model, name, linear)
         count += 1
     return count
