@@ -37,7 +37,7 @@ from transformers.quantizers import auto as transformers_auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from qwantize_hf import calibration, card, read_back, replace, sequential
+from qwantize_hf import calibration, card, coverage, read_back, replace, sequential
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
@@ -198,7 +198,21 @@ class MXFP4HfQuantizer(HfQuantizer):
             logger.info("dequantized %d MXFP4Linear layers to nn.Linear", count)
             return
         self._mxfp4_names = read_back.mxfp4_module_names(model)
+        self._report_coverage(model)
         card.upload_card_with_push_to_hub(model)
+
+    def _report_coverage(self, model: torch.nn.Module) -> None:
+        config = self.quantization_config
+        report = coverage.coverage(model, config.modules_to_not_convert, config.block_size)
+        logger.info("%s: %s", QUANT_METHOD, report.summary())
+        for line in report.warnings():
+            logger.warning("%s: %s", QUANT_METHOD, line)
+        if not report.mxfp4:
+            logger.warning(
+                "%s: no layer of this model became MXFP4, so it is not an MXFP4 model and save_pretrained will "
+                "refuse to label it one; load it without quantization_config instead",
+                QUANT_METHOD,
+            )
 
     def _untie_head(self, model: torch.nn.Module) -> str | None:
         """With ``quantize_lm_head``, a head tied to the input embeddings is not in the checkpoint under
@@ -212,8 +226,11 @@ class MXFP4HfQuantizer(HfQuantizer):
             return None
         module = model.get_submodule(name)
         if module.in_features % config.block_size or module.weight.device.type == "meta":
-            why = ("its weight is offloaded (load on one device to quantize it)" if module.weight.device.type == "meta"
-                   else f"in_features {module.in_features} is not a multiple of block_size {config.block_size}")
+            why = (
+                "its weight is offloaded (load on one device to quantize it)"
+                if module.weight.device.type == "meta"
+                else f"in_features {module.in_features} is not a multiple of block_size {config.block_size}"
+            )
             logger.warning("MXFP4Config(quantize_lm_head=True): %s stays unquantized: %s", name, why)
             return None
         head, embeddings = replace.untie_output_head(model)
@@ -224,7 +241,10 @@ class MXFP4HfQuantizer(HfQuantizer):
             "MXFP4Config(quantize_lm_head=True): %s shares its weight with %s; it is untied and quantized, and "
             "the embeddings stay %s (MXFP4 embeddings are not supported), so a saved checkpoint holds both "
             "(%.2f MB more than the tied float weight alone)",
-            head, embeddings, weight.dtype, weight.numel() * config.bits_per_weight / 8 / 1e6,
+            head,
+            embeddings,
+            weight.dtype,
+            weight.numel() * config.bits_per_weight / 8 / 1e6,
         )
         return head
 
@@ -267,6 +287,9 @@ class MXFP4HfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         names = read_back.mxfp4_module_names(model)
+        if not names and float_head is None:
+            config.calibration = None  # nothing was quantized: the coverage report says why
+            return
         try:
             read_weight = read_back.float_weight_reader(
                 self._checkpoint_files, model, names, block_size=config.block_size, dtype=model.dtype
@@ -304,6 +327,12 @@ class MXFP4HfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[dict | None, dict]:
         # save_pretrained asks for this first: refuse a model whose MXFP4 layers became float since loading
         # (a LoRA adapter merged into them), which a checkpoint labelled MXFP4 would store unreadably
+        if not read_back.mxfp4_module_names(model):
+            raise ValueError(
+                "no layer of this model is MXFP4 (nothing was quantized, or every MXFP4 layer became float), so "
+                f"a checkpoint labelled {QUANT_METHOD} would be a lie: save it without quantization "
+                "(model.dequantize() first), or load it without quantization_config"
+            )
         skip = self.quantization_config.modules_to_not_convert
         floats = [
             name for name in getattr(self, "_mxfp4_names", ())

@@ -1,0 +1,86 @@
+"""What became MXFP4 and what stayed float: the load-time report, its warnings, and the refusal to save
+a checkpoint labelled MXFP4 that holds no MXFP4 layer."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, MixtralConfig, Qwen3MoeConfig
+
+from qwantize_hf import MXFP4Config
+from qwantize_hf.coverage import coverage
+from tests.tiny_models import COMMON, FAMILIES, save_random_model
+
+MOE = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+class Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self, level: int) -> str:
+        return "\n".join(r.getMessage() for r in self.records if r.levelno == level)
+
+
+def load(folder, **kwargs):
+    handler = Messages()
+    logger = logging.getLogger("qwantize_hf.quantizer")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=MXFP4Config(**kwargs), dtype=torch.bfloat16
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    return model, handler
+
+
+def test_a_dense_model_reports_every_linear_algebra_weight_as_mxfp4_and_warns_of_nothing(tmp_path):
+    model, messages = load(save_random_model(FAMILIES["llama"](), tmp_path / "llama"))
+    info = messages.text(logging.INFO)
+    assert "MXFP4: 14 linear layer(s), 73,728 weights" in info and "100.0% of the linear-algebra weights" in info
+    assert messages.text(logging.WARNING) == ""
+    report = coverage(model, model.config.quantization_config.modules_to_not_convert, 32)
+    assert set(report.float) == {"embeddings", "norms", "output head"} and report.skipped == []
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_fused_experts_that_stay_float_are_warned_about_by_name(family, tmp_path):
+    model, messages = load(save_random_model(MOE[family](), tmp_path / family))
+    warning = messages.text(logging.WARNING)
+    assert "4 weight(s) that look quantizable stayed float: fused mixture-of-experts weights" in warning
+    assert "model.layers.0.mlp.experts.gate_up_proj [4, " in warning
+    report = coverage(model, model.config.quantization_config.modules_to_not_convert, 32)
+    assert report.share() < 0.5  # the experts hold most of the weights
+    assert "routers" in report.float  # the router is not counted against the share
+
+
+def test_gpt2_conv1d_is_warned_about_and_the_model_that_quantized_nothing_does_not_save(tmp_path):
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    model, messages = load(save_random_model(config, tmp_path / "gpt2"))
+    warning = messages.text(logging.WARNING)
+    assert "GPT-2-style Conv1D layers (weight [in, out]) have no MXFP4 kind yet" in warning
+    assert "no layer of this model became MXFP4" in warning
+    with pytest.raises(ValueError, match="no layer of this model is MXFP4"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_modules_to_not_convert_are_counted_but_not_warned_about(tmp_path):
+    folder = save_random_model(FAMILIES["llama"](), tmp_path / "llama")
+    model, messages = load(folder, modules_to_not_convert=["lm_head", "mlp"])
+    assert messages.text(logging.WARNING) == ""
+    report = coverage(model, model.config.quantization_config.modules_to_not_convert, 32)
+    assert report.float["modules_to_not_convert"][0] == 2 * 3 * 64 * 128
