@@ -186,6 +186,16 @@ def random_token_sequences(vocab_size: int, seq_len: int, max_tokens: int, seed:
     return list(torch.randint(0, vocab_size, (count, seq_len), generator=generator))
 
 
+def context_length(model: nn.Module | None) -> int | None:
+    """The longest sequence ``model`` takes (its config's ``max_position_embeddings`` or ``n_positions``)."""
+    config = getattr(model, "config", None)
+    for attribute in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def calibration_inputs(
     calibration: dict[str, Any], model: nn.Module | None = None
 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
@@ -193,9 +203,14 @@ def calibration_inputs(
 
     The record names the dataset and tokenizer, the tokens actually used and the
     SHA-256 of the text, never the text itself. ``dataset = "random-tokens"`` draws
-    the ids from ``model``'s vocabulary instead (no text, no tokenizer).
+    the ids from ``model``'s vocabulary instead (no text, no tokenizer). Sequences are no longer
+    than the model's context (``max_position_embeddings``, GPT-2's ``n_positions``): a model with
+    learned position embeddings has none past it; the token budget is kept with more sequences.
     """
     seq_len, budget = calibration["calibration_seq_len"], calibration["calibration_tokens"]
+    context = context_length(model)
+    if context is not None and seq_len > context:
+        seq_len = context
     if calibration["dataset"] == RANDOM_TOKENS:
         if model is None:
             raise ValueError(f"calibration['dataset'] = {RANDOM_TOKENS!r} needs the model to draw token ids from")

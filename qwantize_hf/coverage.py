@@ -2,9 +2,9 @@
 
 After a load, the quantizer logs the summary and warns about each weight that looks like linear
 algebra (a 2-D or 3-D float weight outside embeddings, norms, routers and the output head) and
-stayed float, saying why: fused mixture-of-experts weights and GPT-2's Conv1D have no MXFP4 kind
-yet, a subclass of ``nn.Linear`` may carry a forward of its own, ``in_features`` not a multiple
-of the block size, or the user's ``modules_to_not_convert`` (not warned: asked for). A model in
+stayed float, saying why: fused mixture-of-experts weights have no MXFP4 kind yet, a subclass of
+``nn.Linear`` may carry a forward of its own, ``in_features`` is not a multiple of the block size,
+or the user's ``modules_to_not_convert`` (not warned: asked for). A model in
 which nothing became MXFP4 must not be saved as an MXFP4 checkpoint (``quantizer.py``).
 """
 
@@ -88,15 +88,16 @@ def _why_skipped(module: nn.Module, tensor: torch.Tensor, block_size: int) -> st
     cls = type(module)
     if tensor.ndim == 3:
         return f"fused mixture-of-experts weights ({cls.__name__}) have no MXFP4 kind yet"
-    if cls.__name__ == "Conv1D":
-        return "GPT-2-style Conv1D layers (weight [in, out]) have no MXFP4 kind yet"
     if isinstance(module, nn.Linear) and weight_kind(module) is None:
         return (
             f"{cls.__module__}.{cls.__name__} subclasses nn.Linear with a forward of its own, which an "
             "MXFP4Linear would drop"
         )
-    if isinstance(module, nn.Linear) and module.in_features % block_size:
+    kind = weight_kind(module)
+    if kind is not None and kind.reduction_size(module) % block_size:
         return f"in_features is not a multiple of block_size {block_size}"
+    if kind is not None:
+        return f"eligible {cls.__name__} layers were left float (not quantized by this load)"
     return f"{cls.__name__} has no MXFP4 kind"
 
 

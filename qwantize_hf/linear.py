@@ -27,6 +27,10 @@ from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
 class MXFP4Linear(nn.Module):
     """``y = x @ dequantize(weight, weight_scale).T + bias``; output dtype = input dtype."""
 
+    # The float weight this layer replaces is stored [in, out] (GPT-2's Conv1D), so a loader
+    # transposes it before quantizing; the MXFP4 tensors are in the Linear layout either way.
+    source_transposed = False
+
     def __init__(
         self,
         in_features: int,

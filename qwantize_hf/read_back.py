@@ -67,11 +67,13 @@ def float_weight_reader(
         module = model.get_submodule(name)
         stored = where[key].get_slice(key)
         shape = tuple(stored.get_shape())
-        if shape != (module.out_features, module.in_features):
-            raise FloatWeightsUnavailable(
-                f"the checkpoint's {key} has shape {shape}, not {name}'s ({module.out_features}, {module.in_features})"
-            )
-        head = stored[:_CHECKED_ROWS].to(dtype)
+        expected = (module.out_features, module.in_features)
+        if module.source_transposed:
+            expected = expected[::-1]  # a Conv1D's [in, out]
+        if shape != expected:
+            raise FloatWeightsUnavailable(f"the checkpoint's {key} has shape {shape}, not {name}'s {expected}")
+        head = stored[:, :_CHECKED_ROWS].t() if module.source_transposed else stored[:_CHECKED_ROWS]
+        head = head.to(dtype).contiguous()
         packed, scales = _held_bytes(module)
         rows = head.shape[0]
         again = quantize_mxfp4(
@@ -82,7 +84,8 @@ def float_weight_reader(
         keys[name] = key
 
     def read(name: str) -> torch.Tensor:
-        return where[keys[name]].get_tensor(keys[name])
+        tensor = where[keys[name]].get_tensor(keys[name])
+        return tensor.t().contiguous() if model.get_submodule(name).source_transposed else tensor
 
     return read
 

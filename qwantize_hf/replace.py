@@ -33,7 +33,7 @@ from transformers.core_model_loading import ConversionOps
 from qwantize_hf.constants import E8M0_NAN, F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
 from qwantize_hf.ops import quantize_mxfp4
-from qwantize_hf.targets import mxfp4_kind, weight_kind
+from qwantize_hf.targets import mxfp4_kind, mxfp4_module_like, weight_kind
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,11 @@ def untie_output_head(model: nn.Module) -> tuple[str, str] | None:
 
 
 def use_float_placeholder(module: MXFP4Linear, dtype: torch.dtype) -> None:
-    """Make ``weight`` a meta ``[N, K]`` float tensor that a checkpoint weight can be loaded into."""
+    """Make ``weight`` a meta float tensor that a checkpoint weight can be loaded into: ``[N, K]``, or
+    ``[K, N]`` where the float layer was a Conv1D."""
     shape = (module.out_features, module.in_features)
+    if module.source_transposed:
+        shape = shape[::-1]
     module.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
 
 
@@ -173,7 +176,7 @@ def replace_linear_with_mxfp4(
     )
     for name in convert:
         module = model.get_submodule(name)
-        replacement = MXFP4Linear.like(module, block_size=block_size, device=module.weight.device)
+        replacement = mxfp4_module_like(module, block_size=block_size, device=module.weight.device)
         if quantize_on_load:
             use_float_placeholder(replacement, module.weight.dtype)
         else:
@@ -231,6 +234,7 @@ def quantize_linears_with_weights(
             weight = offload.weights_map["weight"].to(offload.execution_device)
         else:
             weight = linear.weight.detach()
+        weight = weight_kind(linear).linear_layout(weight)
         packed, scales = quantize_mxfp4(
             weight, block_size=block_size, scale_method=scale_method, weights=per_feature, name=name
         )
@@ -255,7 +259,7 @@ def swap_in_mxfp4(model: nn.Module, name: str, packed: torch.Tensor, scales: tor
     linear = _calibrated_linear(model, name)
     hook = getattr(linear, "_hf_hook", None)
     offload = offload_hook(linear)
-    replacement = MXFP4Linear.like(linear, block_size=block_size, device="meta")
+    replacement = mxfp4_module_like(linear, block_size=block_size, device="meta")
     if offload is not None:
         # The tensors stay meta placeholders; the hook fills them from its weights_map at forward time.
         store_offloaded(offload.weights_map, "weight", packed.cpu())
@@ -464,6 +468,8 @@ class QuantizeOnLoad(ConversionOps):
             if tensor_name != "weight" or not awaits_quantization(module):
                 converted[name] = tensor
                 continue
+            if module.source_transposed:  # a Conv1D's [in, out] weight
+                tensor = tensor.t().contiguous()
             packed, scales = quantize_mxfp4(
                 tensor, block_size=config.block_size, scale_method=config.scale_method, name=module_name
             )

@@ -78,6 +78,7 @@ from qwantize_hf.norm_fits import (
     to_device,
 )
 from qwantize_hf.ops import dequantize_mxfp4
+from qwantize_hf.targets import weight_kind
 
 logger = logging.getLogger(__name__)
 
@@ -286,11 +287,12 @@ def gptq_sequential(
                 hessians = _hessians(layer, todo, inputs, device)
             for local_name in group:
                 linear = layer.get_submodule(local_name)
+                weight = weight_kind(linear).linear_layout(linear.weight)  # [out, in] (a view of a Conv1D's)
                 packed, scales = gptq_quantize(
-                    linear.weight, hessians.pop(local_name), block_size=block_size, scale_method=scale_method,
+                    weight, hessians.pop(local_name), block_size=block_size, scale_method=scale_method,
                     damping=damping, act_order=act_order, name=local[local_name],
                 )  # fmt: skip
-                linear.weight.copy_(dequantize_mxfp4(packed, scales, block_size=block_size, dtype=linear.weight.dtype))
+                weight.copy_(dequantize_mxfp4(packed, scales, block_size=block_size, dtype=weight.dtype))
                 results[local[local_name]] = (packed.cpu(), scales.cpu())
         tuned = ""
         if float_layer is not None:

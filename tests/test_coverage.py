@@ -7,7 +7,8 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, MixtralConfig, Qwen3MoeConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
 from qwantize_hf import MXFP4Config
 from qwantize_hf.coverage import coverage
@@ -67,15 +68,34 @@ def test_fused_experts_that_stay_float_are_warned_about_by_name(family, tmp_path
     assert "routers" in report.float  # the router is not counted against the share
 
 
-def test_gpt2_conv1d_is_warned_about_and_the_model_that_quantized_nothing_does_not_save(tmp_path):
-    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
-    model, messages = load(save_random_model(config, tmp_path / "gpt2"))
-    warning = messages.text(logging.WARNING)
-    assert "GPT-2-style Conv1D layers (weight [in, out]) have no MXFP4 kind yet" in warning
-    assert "no layer of this model became MXFP4" in warning
+def test_a_model_that_quantized_nothing_is_warned_about_and_does_not_save(tmp_path):
+    folder = save_random_model(FAMILIES["llama"](), tmp_path / "llama")
+    model, messages = load(folder, modules_to_not_convert=["self_attn", "mlp"])
+    assert "no layer of this model became MXFP4" in messages.text(logging.WARNING)
     with pytest.raises(ValueError, match="no layer of this model is MXFP4"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_warned_about(tmp_path):
+    model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), dtype=torch.bfloat16)
+    proj = model.model.layers[0].mlp.up_proj
+    model.model.layers[0].mlp.up_proj = ScaledLinear(proj.in_features, proj.out_features, bias=False)
+    report = coverage(model, ["lm_head"], 32)  # a float model: every Linear is eligible and left float
+    assert ("model.layers.0.self_attn.q_proj.weight [64, 64]", "eligible Linear layers were left float (not "
+            "quantized by this load)") in report.skipped  # fmt: skip
+    assert [item for item in report.skipped if "layers.0.mlp.up_proj" in item[0]] == [
+        (
+            "model.layers.0.mlp.up_proj.weight [128, 64]",
+            "tests.test_coverage.ScaledLinear subclasses nn.Linear with a forward of its own, which an MXFP4Linear "
+            "would drop",
+        )
+    ]
 
 
 def test_modules_to_not_convert_are_counted_but_not_warned_about(tmp_path):

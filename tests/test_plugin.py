@@ -287,9 +287,10 @@ def test_save_writes_the_checkpoint_contract(bf16_checkpoints, mxfp4_checkpoints
         "modules_to_not_convert": ["lm_head"],
         "quantize_lm_head": False,
         "base_model": None,
-        # the default's data-free statistics: token ids drawn from the vocabulary, never a text
+        # the default's data-free statistics: token ids drawn from the vocabulary, never a text; sequences of
+        # 1024 tokens cut to the tiny model's context (max_position_embeddings 128), the budget kept
         "calibration": {"dataset": "random-tokens", "seed": 0, "vocab_size": 256, "calibration_tokens": 32768,
-                        "calibration_seq_len": 1024, "calibrated": True},  # fmt: skip
+                        "calibration_seq_len": 128, "calibrated": True},  # fmt: skip
         "algorithm": "rtn",
         "gptq": None,
         "quantizer": WRITER,  # the package a reader needs

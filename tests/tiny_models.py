@@ -90,13 +90,15 @@ def random_token_statistics(
 ) -> dict[str, torch.Tensor]:
     """What ``MXFP4Config()`` weighs each Linear's scale search with: the statistics of ``tokens // seq_len``
     sequences of token ids uniform over the vocabulary (seed 0), run through the model quantized with
-    plain mse (``calibration=None``), as it is right after loading."""
+    plain mse (``calibration=None``), as it is right after loading. Sequences are no longer than the
+    model's context (``max_position_embeddings``: 128 here), with the token budget kept."""
     from qwantize_hf import MXFP4Config, MXFP4Linear
 
     plain = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=MXFP4Config(block_size=block_size, calibration=None)
     )
     vocab = plain.get_input_embeddings().num_embeddings
+    seq_len = min(seq_len, plain.config.max_position_embeddings)
     ids = torch.randint(0, vocab, (tokens // seq_len, seq_len), generator=torch.Generator().manual_seed(0))
     names = [name for name, module in plain.named_modules() if isinstance(module, MXFP4Linear)]
     return statistics_of_ids(plain.eval(), ids, names)
