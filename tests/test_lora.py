@@ -114,17 +114,24 @@ def test_lora_fine_tune_on_real_text_lowers_the_loss_and_leaves_the_base_bytes(c
         assert torch.equal(stored, before_bytes[name]), name
 
 
-def test_adapter_save_and_reload_gives_the_same_logits(checkpoint, tmp_path):
-    model = quantized(checkpoint)
-    peft_model = peft.get_peft_model(model, lora.lora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+def adapted(checkpoint, targets, dtype=torch.bfloat16):
+    """A PEFT model on the MXFP4 base whose adapters are not zero (B drawn at random), in eval mode, with
+    its logits on ``input_ids()``."""
+    peft_model = peft.get_peft_model(
+        quantized(checkpoint, dtype=dtype), lora.lora_config(r=4, lora_alpha=8, target_modules=targets)
+    )
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
-    ids = input_ids().to(DEVICE)
     peft_model.eval()
+    ids = input_ids().to(DEVICE)
     with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
+        return peft_model, ids, peft_model(input_ids=ids).logits
+
+
+def test_adapter_save_and_reload_gives_the_same_logits(checkpoint, tmp_path):
+    peft_model, ids, expected = adapted(checkpoint, TARGETS)
     peft_model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and "_custom_modules" not in saved
@@ -155,16 +162,8 @@ def test_merge_is_lossless_and_unmerge_restores_the_mxfp4_layer(checkpoint):
 
 
 def test_merge_and_dequantize_gives_a_float_model_that_saves_and_reloads(checkpoint, tmp_path):
-    model = quantized(checkpoint, dtype=torch.float32)  # float32: the merge itself rounds nothing away
-    peft_model = peft.get_peft_model(model, lora.lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
-    ids = input_ids().to(DEVICE)
-    peft_model.eval()
-    with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits.float()
+    # float32: the merge itself rounds nothing away
+    peft_model, ids, expected = adapted(checkpoint, ["q_proj", "v_proj"], dtype=torch.float32)
     with pytest.warns(UserWarning, match="float nn.Linear"):
         merged = lora.merge_and_dequantize(peft_model)
     assert not any(isinstance(m, MXFP4Linear) for m in merged.modules())
