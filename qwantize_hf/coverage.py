@@ -2,7 +2,7 @@
 
 After a load, the quantizer logs the summary and warns about each weight that looks like linear
 algebra (a 2-D or 3-D float weight outside embeddings, norms, routers and the output head) and
-stayed float, saying why: fused mixture-of-experts weights have no MXFP4 kind yet, a subclass of
+stayed float, saying why: fused experts of an unsupported layout (transposed, with biases), a subclass of
 ``nn.Linear`` may carry a forward of its own, ``in_features`` is not a multiple of the block size,
 or the user's ``modules_to_not_convert`` (not warned: asked for). A model in
 which nothing became MXFP4 must not be saved as an MXFP4 checkpoint (``quantizer.py``).
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qwantize_hf.replace import module_matches, output_head_name
+from qwantize_hf.experts import unsupported_layout
+from qwantize_hf.replace import module_matches, output_head_name, stored_pairs
 from qwantize_hf.targets import mxfp4_kind, weight_kind
 
 # Float weights smaller than this many elements are not reported as skipped (biases, scalars).
@@ -87,7 +88,10 @@ def _category(name: str, module: nn.Module, head: str | None, skip: list[str]) -
 def _why_skipped(module: nn.Module, tensor: torch.Tensor, block_size: int) -> str:
     cls = type(module)
     if tensor.ndim == 3:
-        return f"fused mixture-of-experts weights ({cls.__name__}) have no MXFP4 kind yet"
+        layout = unsupported_layout(module)
+        if layout is not None:
+            return f"fused mixture-of-experts weights of this layout ({cls.__name__} {layout}) have no MXFP4 kind yet"
+        return f"fused experts ({cls.__name__}) were left float (in_features not a multiple of {block_size}?)"
     if isinstance(module, nn.Linear) and weight_kind(module) is None:
         return (
             f"{cls.__module__}.{cls.__name__} subclasses nn.Linear with a forward of its own, which an "
@@ -108,14 +112,18 @@ def coverage(model: nn.Module, modules_to_not_convert: Iterable[str], block_size
     report = Coverage()
     seen: set[int] = set()  # tied parameters count once
     for name, module in model.named_modules():
-        kind = mxfp4_kind(module)
-        if kind is not None:
-            packed, scales = (getattr(module, tensor) for tensor in kind.stored_tensors)
-            row = report.mxfp4.setdefault(kind.name, [0, 0, 0])
+        pairs = stored_pairs(module)
+        if pairs:
+            kind = mxfp4_kind(module)
+            row = report.mxfp4.setdefault(kind.name if kind is not None else "experts", [0, 0, 0])
             row[0] += 1
-            row[1] += packed.numel() * 2
-            row[2] += packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
-            continue
+            for codes_name, scales_name in pairs:
+                packed, scales = getattr(module, codes_name), getattr(module, scales_name)
+                row[1] += packed.numel() * 2
+                row[2] += packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
+            for _, tensor in module.named_parameters(recurse=False):  # biases stay float
+                if tensor.is_floating_point() and id(tensor) not in seen:
+                    seen.add(id(tensor))
         for parameter, tensor in module.named_parameters(recurse=False):
             if id(tensor) in seen or not tensor.is_floating_point():
                 continue
@@ -124,7 +132,8 @@ def coverage(model: nn.Module, modules_to_not_convert: Iterable[str], block_size
             row = report.float.setdefault(category, [0, 0])
             row[0] += tensor.numel()
             row[1] += tensor.numel() * tensor.element_size()
-            if category == "not quantized" and tensor.ndim >= 2 and tensor.numel() >= _MIN_MATRIX:
+            looks_like_weight = tensor.ndim >= 2 and tensor.numel() >= _MIN_MATRIX and "bias" not in parameter
+            if category == "not quantized" and looks_like_weight:
                 full = f"{name}.{parameter}" if name else parameter
                 report.skipped.append((f"{full} {list(tensor.shape)}", _why_skipped(module, tensor, block_size)))
     return report

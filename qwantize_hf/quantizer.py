@@ -37,7 +37,7 @@ from transformers.quantizers import auto as transformers_auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from qwantize_hf import calibration, card, coverage, read_back, replace, sequential
+from qwantize_hf import calibration, card, coverage, experts, read_back, replace, sequential
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
@@ -135,6 +135,7 @@ class MXFP4HfQuantizer(HfQuantizer):
                 modules_to_not_convert=config.modules_to_not_convert,
                 quantize_on_load=not self.pre_quantized,
             )
+        self._experts_names = self._prepare_experts(model, kwargs.get("checkpoint_files"))
         if self.pre_quantized:
             replace.match_stored_dtypes(model, kwargs.get("checkpoint_files"))
         self._checkpoint_files = kwargs.get("checkpoint_files")
@@ -149,14 +150,48 @@ class MXFP4HfQuantizer(HfQuantizer):
             # Recorded in config.json, so a reload skips exactly the same layers.
             config.modules_to_not_convert = config.modules_to_not_convert + not_divisible
 
+    def _prepare_experts(self, model: torch.nn.Module, checkpoint_files: Any) -> list[str]:
+        """Fused experts modules that become MXFP4 (their scale placeholders registered); a stored checkpoint's
+        experts are MXFP4 when it holds expert scales (a checkpoint written before experts were quantized
+        holds float experts, and they load as such)."""
+        config = self.quantization_config
+        if self.pre_quantized:
+            keys = replace.stored_dtypes(checkpoint_files)
+            if keys and not any(".experts." in key and key.endswith(experts.SCALE_SUFFIX) for key in keys):
+                return []
+        names = [
+            name for name, module in model.named_modules()
+            if experts.is_fused_experts(module) and not replace.module_matches(name, config.modules_to_not_convert)
+            and experts.divisible(module, config.block_size)
+        ]  # fmt: skip
+        for name in names:
+            module = model.get_submodule(name)
+            experts.prepare_for_loading(module, block_size=config.block_size, stored=self.pre_quantized)
+        if names:
+            self._experts_implementation = getattr(model.config, "_experts_implementation", None)
+        return names
+
     # 3. while weights load -----------------------------------------------------------
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
-        """Only the float weight of an MXFP4Linear that waits for one; stored bytes load as they are."""
-        if self.pre_quantized or self.calibrates:
+        """The float weight of an MXFP4Linear or of MXFP4 experts that waits for one (experts quantize as they
+        load even when the Linears are calibrated later); stored bytes load as they are."""
+        if self.pre_quantized:
             return False
         module_name, _, tensor_name = param_name.rpartition(".")
-        return tensor_name == "weight" and replace.awaits_quantization(model.get_submodule(module_name))
+        module = model.get_submodule(module_name)
+        if experts.awaits_quantization(module, tensor_name):
+            return True
+        return not self.calibrates and tensor_name == "weight" and replace.awaits_quantization(module)
+
+    # transformers 5.24+: a converter that builds a weight from checkpoint tensors builds its scale alike
+    serialized_names = {"weight": ["weight", "weight" + experts.SCALE_SUFFIX]}
+
+    def update_weight_conversions(self, weight_conversions: Any, model: torch.nn.Module | None = None) -> Any:
+        # transformers 5.17 calls it with the conversions alone, later versions with the model too
+        if model is None:
+            return super().update_weight_conversions(weight_conversions)
+        return super().update_weight_conversions(weight_conversions, model)
 
     def param_element_size(self, model: torch.nn.Module, param_name: str, param: torch.Tensor) -> float:
         """Bytes per element as loaded, so device_map='auto' plans with 4-bit codes, not bf16."""
@@ -172,6 +207,9 @@ class MXFP4HfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         # transformers calls this after model.eval() and after accelerate has dispatched a split
         # device_map (5.17 and 5.24 alike), so the calibration forward runs as the user's would.
+        if self._experts_names:  # before any forward: the calibration passes run the MXFP4 experts
+            experts.record_scale_conversions(model)
+            experts.use_implementation(model, self._experts_names)
         head = self._untie_head(model)
         if self.calibrates:
             self._calibrate_and_quantize(model)
@@ -189,13 +227,14 @@ class MXFP4HfQuantizer(HfQuantizer):
             if name is None or not isinstance(model.get_submodule(name), MXFP4Linear):
                 self.quantization_config.quantize_lm_head = False  # the record says what the checkpoint holds
         if self.pre_quantized:
+            for name in self._experts_names:
+                experts.check_shapes(name, model.get_submodule(name))
             replace.check_stored_tensors_loaded(model)
             replace.view_stored_bytes(model)
             replace.check_stored_scales(model)
         if self.pre_quantized and self.quantization_config.dequantize:
             # the dtype the rest of the model was loaded in, as transformers' own dequantize uses
-            count = replace.dequantize_linears(model, model.config.dtype)
-            logger.info("dequantized %d MXFP4Linear layers to nn.Linear", count)
+            self._dequantize(model, model.config.dtype)
             return
         self._mxfp4_names = read_back.mxfp4_module_names(model)
         self._report_coverage(model)
@@ -314,8 +353,16 @@ class MXFP4HfQuantizer(HfQuantizer):
             replace.quantize_linears_with_weights(model, head_stats, block_size=config.block_size)
         config.calibration = record
 
-    def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        replace.dequantize_linears(model, dtype)
+    def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+        if isinstance(dtype, str):  # config.dtype as config.json spells it
+            dtype = getattr(torch, dtype)
+        count = replace.dequantize_linears(model, dtype)
+        fused = [name for name, module in model.named_modules() if experts.is_mxfp4_experts(module)]
+        for name in fused:
+            experts.dequantize(model.get_submodule(name), dtype or torch.bfloat16)
+        if fused:  # float experts again: the implementation they were loaded with
+            model.set_experts_implementation(getattr(self, "_experts_implementation", None) or "eager")
+        logger.info("dequantized %d MXFP4Linear layers and %d experts modules", count, len(fused))
         card.remove_card_hook(model)
         return model
 
@@ -327,7 +374,7 @@ class MXFP4HfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[dict | None, dict]:
         # save_pretrained asks for this first: refuse a model whose MXFP4 layers became float since loading
         # (a LoRA adapter merged into them), which a checkpoint labelled MXFP4 would store unreadably
-        if not read_back.mxfp4_module_names(model):
+        if not any(replace.stored_pairs(module) for module in model.modules()):
             raise ValueError(
                 "no layer of this model is MXFP4 (nothing was quantized, or every MXFP4 layer became float), so "
                 f"a checkpoint labelled {QUANT_METHOD} would be a lie: save it without quantization "

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 
+from qwantize_hf import experts
 from qwantize_hf.constants import E8M0_NAN, F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
 from qwantize_hf.ops import quantize_mxfp4
@@ -306,10 +307,18 @@ def stored_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """``(module name, module, tensor name)`` of every tensor an MXFP4 module of ``model`` stores
     (packed codes, then scales), in module order."""
     for name, module in model.named_modules():
-        kind = mxfp4_kind(module)
-        if kind is not None:
-            for tensor_name in kind.stored_tensors:
+        for pair in stored_pairs(module):
+            for tensor_name in pair:
                 yield name, module, tensor_name
+
+
+def stored_pairs(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """``(codes, scales)`` tensor names of an MXFP4 module: one pair for an MXFP4Linear, one per
+    projection for MXFP4 experts, none for anything else."""
+    kind = mxfp4_kind(module)
+    if kind is not None:
+        return (kind.stored_tensors,)
+    return experts.stored_pairs(module) if experts.is_mxfp4_experts(module) else ()
 
 
 def check_stored_tensors_loaded(model: nn.Module) -> None:
@@ -353,15 +362,21 @@ def _safetensors_dtypes(path: str) -> dict[str, str]:
     return {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
 
 
+def stored_dtypes(checkpoint_files: Iterable[str] | None) -> dict[str, str]:
+    """``tensor name -> safetensors dtype`` over the checkpoint's ``.safetensors`` files (headers only)."""
+    stored: dict[str, str] = {}
+    for path in checkpoint_files or ():
+        if str(path).endswith(".safetensors"):
+            stored.update(_safetensors_dtypes(str(path)))
+    return stored
+
+
 def match_stored_dtypes(model: nn.Module, checkpoint_files: Iterable[str] | None) -> None:
     """Before loading stored MXFP4 bytes: give each packed/scales placeholder the dtype its checkpoint
     tensor has when that dtype holds the bytes as they are (``STORED_BYTE_DTYPES``), so transformers
     loads it without a cast; refuse any other dtype, naming the tensor. Reads only the headers of
     ``.safetensors`` files (other formats load as they always did)."""
-    stored: dict[str, str] = {}
-    for path in checkpoint_files or ():
-        if str(path).endswith(".safetensors"):
-            stored.update(_safetensors_dtypes(str(path)))
+    stored = stored_dtypes(checkpoint_files)
     if not stored:
         return
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
@@ -406,20 +421,20 @@ def check_stored_scales(model: nn.Module) -> None:
     the meta device until a forward brings them in) are not checked.
     """
     for name, module in model.named_modules():
-        kind = mxfp4_kind(module)
-        if kind is None:
-            continue
-        scales_name = kind.stored_tensors[-1]
-        scales = getattr(module, scales_name)
-        # 255 is the largest byte: a max (3x faster than == and any) finds whether there is one
-        if scales.device.type == "meta" or scales.numel() == 0 or int(scales.max()) != E8M0_NAN:
-            continue
-        bad = scales == E8M0_NAN
-        first = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(
-            f"{name}.{scales_name} holds {int(bad.sum())} scale byte(s) 255, which no quantizer writes (NaN "
-            f"in UE8M0), first at block {first}: the checkpoint is corrupt. Re-download or re-save it"
-        )
+        for _, scales_name in stored_pairs(module):
+            _check_scale_bytes(name, scales_name, getattr(module, scales_name))
+
+
+def _check_scale_bytes(name: str, scales_name: str, scales: torch.Tensor) -> None:
+    # 255 is the largest byte: a max (3x faster than == and any) finds whether there is one
+    if scales.device.type == "meta" or scales.numel() == 0 or int(scales.max()) != E8M0_NAN:
+        return
+    bad = scales == E8M0_NAN
+    first = [int(i) for i in bad.nonzero()[0]]
+    raise ValueError(
+        f"{name}.{scales_name} holds {int(bad.sum())} scale byte(s) 255, which no quantizer writes (NaN "
+        f"in UE8M0), first at block {first}: the checkpoint is corrupt. Re-download or re-save it"
+    )
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -465,6 +480,13 @@ class QuantizeOnLoad(ConversionOps):
             tensor = value[0] if isinstance(value, list) else value
             module_name, _, tensor_name = name.rpartition(".")
             module = model.get_submodule(module_name) if model is not None else None
+            if experts.awaits_quantization(module, tensor_name):  # fused experts [E, N, K], already merged
+                packed, scales = quantize_mxfp4(
+                    tensor, block_size=config.block_size, scale_method=config.scale_method, name=name
+                )
+                converted[name] = packed
+                converted[name + experts.SCALE_SUFFIX] = scales
+                continue
             if tensor_name != "weight" or not awaits_quantization(module):
                 converted[name] = tensor
                 continue

@@ -1,0 +1,225 @@
+"""Fused mixture-of-experts weights as MXFP4: the experts module keeps its class, its weights change.
+
+In transformers 5 the experts of Qwen2/3-MoE, Mixtral, OLMoE, ... are one module (decorated with
+``use_experts_implementation``) holding ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, run by
+an experts implementation that ``config._experts_implementation`` names. Quantized, the same module
+holds ``gate_up_proj`` uint8 ``[E, 2I, H/2]`` + ``gate_up_proj_scale`` uint8 ``[E, 2I, H/32]`` and the
+same for ``down_proj`` (blocks along each expert's reduction dimension), and the implementation
+``qwantize_mxfp4`` (``experts_forward``) runs each routed expert's products through ``mxfp4_linear``.
+
+Checkpoints: transformers saves fused experts per expert (``experts.<e>.gate_proj.weight``, ...) by
+reversing its load-time conversions; the codes follow the weights, and ``record_scale_conversions``
+gives the scales the same conversions, so a checkpoint holds ``experts.<e>.<proj>.weight`` uint8
+``[N, K/2]`` and ``.weight_scale`` ``[N, K/32]``: the MXFP4Linear layout, one per expert.
+
+Supported layout: gated, concatenated ``[gate; up]`` or the module's own ``_apply_gate``, weights
+``[E, N, K]`` (not ``is_transposed``), no biases; the others stay float and the coverage report says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.linear_op import mxfp4_linear
+from qwantize_hf.ops import dequantize_mxfp4
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+SCALE_SUFFIX = "_scale"
+IMPLEMENTATION = "qwantize_mxfp4"
+
+
+def unsupported_layout(module: nn.Module) -> str | None:
+    """Why a fused experts module cannot be MXFP4 (None when it can, or when it is not one)."""
+    if getattr(module, "is_transposed", False):
+        return "stores its expert weights transposed ([E, K, N])"
+    if getattr(module, "has_bias", False):
+        return "has expert biases"
+    if not getattr(module, "has_gate", True):
+        return "has no gate_up_proj (ungated experts)"
+    return None
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module (``use_experts_implementation``) whose projections are 3-D float weights
+    of a supported layout."""
+    return (
+        hasattr(module, "is_concatenated")
+        and all(_weight(module, projection) is not None for projection in PROJECTIONS)
+        and all(_weight(module, projection).is_floating_point() for projection in PROJECTIONS)
+        and unsupported_layout(module) is None
+    )
+
+
+def is_mxfp4_experts(module: nn.Module) -> bool:
+    return hasattr(module, "is_concatenated") and all(
+        isinstance(getattr(module, projection + SCALE_SUFFIX, None), nn.Parameter) for projection in PROJECTIONS
+    )
+
+
+def _weight(module: nn.Module, name: str) -> torch.Tensor | None:
+    tensor = getattr(module, name, None)
+    return tensor if isinstance(tensor, torch.Tensor) and tensor.ndim == 3 else None
+
+
+def stored_pairs(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """``(codes, scales)`` tensor names of an MXFP4 experts module."""
+    return tuple((projection, projection + SCALE_SUFFIX) for projection in PROJECTIONS)
+
+
+def divisible(module: nn.Module, block_size: int) -> bool:
+    return all(_weight(module, projection).shape[-1] % block_size == 0 for projection in PROJECTIONS)
+
+
+def prepare_for_loading(module: nn.Module, *, block_size: int, stored: bool) -> None:
+    """Give a fused experts module its scale parameters (uint8 placeholders), and, for a stored MXFP4
+    checkpoint, uint8 code placeholders; a float checkpoint keeps float weight placeholders, which the
+    load op quantizes."""
+    for projection in PROJECTIONS:
+        weight = _weight(module, projection)
+        experts, rows, columns = weight.shape
+        scales = torch.empty(experts, rows, columns // block_size, dtype=torch.uint8, device=weight.device)
+        module.register_parameter(projection + SCALE_SUFFIX, nn.Parameter(scales, requires_grad=False))
+        if stored:
+            codes = torch.empty(experts, rows, columns // F4_CODES_PER_BYTE, dtype=torch.uint8, device=weight.device)
+            setattr(module, projection, nn.Parameter(codes, requires_grad=False))
+    module.mxfp4_block_size = block_size
+
+
+def check_shapes(name: str, module: nn.Module) -> None:
+    """Raise when a loaded MXFP4 experts module's codes and scales do not hold ``num_experts`` experts of
+    matching shapes (a checkpoint that lacks some expert's tensors, which transformers 5.17 merges anyway)."""
+    count, block_size = getattr(module, "num_experts", None), module.mxfp4_block_size
+    for codes_name, scales_name in stored_pairs(module):
+        codes, scales = getattr(module, codes_name), getattr(module, scales_name)
+        consistent = (
+            codes.ndim == 3 and scales.ndim == 3 and codes.shape[:2] == scales.shape[:2]
+            and codes.shape[2] * F4_CODES_PER_BYTE == scales.shape[2] * block_size
+            and (count is None or codes.shape[0] == count)
+        )  # fmt: skip
+        if not consistent:
+            raise ValueError(
+                f"{name}.{codes_name} {tuple(codes.shape)} and {name}.{scales_name} {tuple(scales.shape)} are not the "
+                f"codes and scales of {count} experts (block size {block_size}): the checkpoint lacks some expert's "
+                "tensors or is corrupt. Re-save it with save_pretrained"
+            )
+
+
+def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
+    """A prepared experts module whose ``projection`` still holds a float weight."""
+    return (
+        module is not None
+        and projection in PROJECTIONS
+        and is_mxfp4_experts(module)
+        and getattr(module, projection).is_floating_point()
+    )
+
+
+def experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts implementation ``qwantize_mxfp4``: for each expert some token is routed to, its tokens
+    through ``gate_up``, the module's gate, ``down``, each an ``mxfp4_linear`` on that expert's codes and
+    scales; weighted and summed into the tokens' rows in the order of transformers' eager loop."""
+    block_size = self.mxfp4_block_size
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        hit = torch.unique(top_k_index).tolist()
+    for expert in hit:
+        if expert >= self.num_experts:  # expert-parallel sentinels
+            continue
+        token, position = torch.where(top_k_index == expert)
+        state = hidden_states[token]
+        gate_up = mxfp4_linear(state, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], None, block_size)
+        state = self._apply_gate(gate_up)
+        state = mxfp4_linear(state, self.down_proj[expert], self.down_proj_scale[expert], None, block_size)
+        if getattr(self, "has_post_expert_norm", False):
+            state = self.post_expert_norm(state)
+        state = state * top_k_weights[token, position, None]
+        final.index_add_(0, token, state.to(final.dtype))
+    return final
+
+
+def register_implementation() -> None:
+    """Make ``qwantize_mxfp4`` a valid experts implementation (transformers' ExpertsInterface is class-wide)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+
+
+def use_implementation(model: nn.Module, names: Iterable[str]) -> None:
+    """Run the named MXFP4 experts modules with ``experts_forward``; raise if transformers would not."""
+    register_implementation()
+    model.set_experts_implementation(IMPLEMENTATION)
+    for name in names:
+        config = getattr(model.get_submodule(name), "config", None)
+        if getattr(config, "_experts_implementation", None) != IMPLEMENTATION:
+            raise RuntimeError(
+                f"{name}: transformers did not switch this experts module to the {IMPLEMENTATION!r} implementation, "
+                "so its MXFP4 weights cannot run; keep its experts float with modules_to_not_convert"
+            )
+
+
+def record_scale_conversions(model: nn.Module) -> None:
+    """Give the scales the load-time conversions their codes had, so that save_pretrained writes them per
+    expert beside the codes (``...experts.<e>.gate_proj.weight_scale``) in every transformers version.
+
+    transformers keeps in ``model._weight_conversions`` the converters that matched the checkpoint; each
+    one that made an expert projection from ``...weight`` tensors gets a twin from ``...weight_scale``
+    tensors to ``<projection>_scale``, with the same operations (merge, concatenate: byte-exact)."""
+    from transformers.core_model_loading import WeightConverter
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions:
+        return
+    present = {tuple(c._original_source_patterns) for c in conversions if isinstance(c, WeightConverter)}
+    twins = []
+    for converter in conversions:
+        if not isinstance(converter, WeightConverter):
+            continue
+        sources, targets = converter._original_source_patterns, converter._original_target_patterns
+        if not all(s.endswith(".weight") for s in sources):
+            continue
+        if not any(t.rsplit(".", 1)[-1] in PROJECTIONS for t in targets):
+            continue
+        scale_sources = [s + SCALE_SUFFIX for s in sources]
+        if tuple(scale_sources) in present:
+            continue
+        scale_targets = [t + SCALE_SUFFIX for t in targets]
+        twin = WeightConverter(scale_sources, scale_targets, operations=list(converter.operations))
+        twin.scope_prefix, twin.base_model_prefix = converter.scope_prefix, converter.base_model_prefix
+        twins.append(twin)
+    model._weight_conversions = [*conversions, *twins]
+
+
+def dequantize(module: nn.Module, dtype: torch.dtype) -> None:
+    """Turn an MXFP4 experts module back into float weights (and drop its scales)."""
+    block_size = module.mxfp4_block_size
+    for projection in PROJECTIONS:
+        codes, scales = getattr(module, projection), getattr(module, projection + SCALE_SUFFIX)
+        weight = dequantize_mxfp4(codes, scales, block_size=block_size, dtype=dtype)
+        setattr(module, projection, nn.Parameter(weight))
+        delattr(module, projection + SCALE_SUFFIX)
+    del module.mxfp4_block_size
+
+
+__all__ = [
+    "IMPLEMENTATION",
+    "PROJECTIONS",
+    "SCALE_SUFFIX",
+    "awaits_quantization",
+    "check_shapes",
+    "dequantize",
+    "experts_forward",
+    "is_fused_experts",
+    "is_mxfp4_experts",
+    "prepare_for_loading",
+    "record_scale_conversions",
+    "register_implementation",
+    "stored_pairs",
+    "unsupported_layout",
+    "use_implementation",
+]
