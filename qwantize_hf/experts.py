@@ -118,13 +118,34 @@ def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
     )
 
 
+# At most this many (token, expert) pairs (decode), each pair's expert codes are gathered and the products
+# run as one stacked mxfp4_linear call each: no host synchronisation, so torch.compile(fullgraph=True) and
+# CUDA graphs take the step. Above it (prefill), each routed expert runs once on all of its tokens.
+GATHER_PAIRS = 16
+
+
 def experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The experts implementation ``qwantize_mxfp4``: for each expert some token is routed to, its tokens
-    through ``gate_up``, the module's gate, ``down``, each an ``mxfp4_linear`` on that expert's codes and
-    scales; weighted and summed into the tokens' rows in the order of transformers' eager loop."""
+    """The experts implementation ``qwantize_mxfp4``: each routed expert's ``gate_up``, the module's gate and
+    ``down``, each an ``mxfp4_linear`` on that expert's codes and scales, weighted by the router and summed
+    per token. A few pairs (decode) gather their experts' codes; more loop over the experts hit, in the
+    order of transformers' eager loop."""
+    if top_k_index.numel() <= GATHER_PAIRS:
+        return _gathered(self, hidden_states, top_k_index, top_k_weights)
+    return _looped(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _expert(self: nn.Module, state: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
     block_size = self.mxfp4_block_size
+    gate_up = mxfp4_linear(state, codes["gate_up_proj"], codes["gate_up_proj_scale"], None, block_size)
+    state = mxfp4_linear(self._apply_gate(gate_up), codes["down_proj"], codes["down_proj_scale"], None, block_size)
+    return self.post_expert_norm(state) if getattr(self, "has_post_expert_norm", False) else state
+
+
+def _looped(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         hit = torch.unique(top_k_index).tolist()
@@ -132,15 +153,25 @@ def experts_forward(
         if expert >= self.num_experts:  # expert-parallel sentinels
             continue
         token, position = torch.where(top_k_index == expert)
-        state = hidden_states[token]
-        gate_up = mxfp4_linear(state, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], None, block_size)
-        state = self._apply_gate(gate_up)
-        state = mxfp4_linear(state, self.down_proj[expert], self.down_proj_scale[expert], None, block_size)
-        if getattr(self, "has_post_expert_norm", False):
-            state = self.post_expert_norm(state)
-        state = state * top_k_weights[token, position, None]
+        codes = {name: getattr(self, name)[expert] for pair in stored_pairs(self) for name in pair}
+        state = _expert(self, hidden_states[token], codes) * top_k_weights[token, position, None]
         final.index_add_(0, token, state.to(final.dtype))
     return final
+
+
+def _gathered(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    valid = flat < self.num_experts  # expert-parallel sentinels add nothing
+    ids = flat.clamp(max=self.num_experts - 1)
+    codes = {name: getattr(self, name)[ids] for pair in stored_pairs(self) for name in pair}  # [pairs, N, ...]
+    state = hidden_states.repeat_interleave(top_k, dim=0)[:, None, :]  # [pairs, 1, H]
+    out = _expert(self, state, codes)[:, 0, :]
+    weights = torch.where(valid, top_k_weights.reshape(-1), torch.zeros_like(top_k_weights.reshape(-1)))
+    out = (out * weights[:, None]).to(hidden_states.dtype)
+    return out.reshape(tokens, top_k, -1).sum(dim=1)
 
 
 def register_implementation() -> None:
@@ -213,6 +244,7 @@ __all__ = [
     "awaits_quantization",
     "check_shapes",
     "dequantize",
+    "GATHER_PAIRS",
     "experts_forward",
     "is_fused_experts",
     "is_mxfp4_experts",

@@ -164,3 +164,34 @@ def test_a_corrupt_or_missing_expert_scale_does_not_load(checkpoints, tmp_path):
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert "model.layers.1.mlp.experts.down_proj_scale" in "\n".join([str(raised.value), *records])
+
+
+def routed(module, tokens: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, 64, generator=generator).to(DEVICE, torch.bfloat16)
+    index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.rand(tokens, 2, generator=generator).softmax(-1).to(DEVICE, torch.bfloat16)
+    return hidden, index, weights
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_decode_sized_routing_gathers_the_experts_and_matches_the_expert_loop(checkpoints, tokens):
+    from qwantize_hf.experts import GATHER_PAIRS, _gathered, _looped, experts_forward
+
+    module = load(checkpoints["qwen3_moe"], calibration=None).model.layers[0].mlp.experts
+    hidden, index, weights = routed(module, tokens)
+    assert index.numel() <= GATHER_PAIRS
+    with torch.no_grad():
+        gathered = experts_forward(module, hidden, index, weights)
+        torch.testing.assert_close(gathered, _gathered(module, hidden, index, weights), atol=0, rtol=0)
+        # one row at a time vs each expert's rows together: the same products, rounded alike up to bf16
+        torch.testing.assert_close(gathered, _looped(module, hidden, index, weights), atol=1e-2, rtol=1e-2)
+
+
+def test_the_decode_path_compiles_as_one_graph(checkpoints):
+    module = load(checkpoints["qwen3_moe"], calibration=None).model.layers[0].mlp.experts
+    hidden, index, weights = routed(module, 2, seed=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(hidden, index, weights), module(hidden, index, weights), atol=0, rtol=0)
