@@ -18,6 +18,7 @@ Supported layout: gated, concatenated ``[gate; up]`` or the module's own ``_appl
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 
 import torch
@@ -185,6 +186,7 @@ def use_implementation(model: nn.Module, names: Iterable[str]) -> None:
     """Run the named MXFP4 experts modules with ``experts_forward``; raise if transformers would not."""
     register_implementation()
     model.set_experts_implementation(IMPLEMENTATION)
+    guard_implementation(model)
     for name in names:
         config = getattr(model.get_submodule(name), "config", None)
         if getattr(config, "_experts_implementation", None) != IMPLEMENTATION:
@@ -192,6 +194,24 @@ def use_implementation(model: nn.Module, names: Iterable[str]) -> None:
                 f"{name}: transformers did not switch this experts module to the {IMPLEMENTATION!r} implementation, "
                 "so its MXFP4 weights cannot run; keep its experts float with modules_to_not_convert"
             )
+
+
+def guard_implementation(model: nn.Module) -> None:
+    """Make ``model.set_experts_implementation`` refuse any implementation but ``qwantize_mxfp4`` while the
+    model holds MXFP4 experts (transformers' own ones would run on the uint8 codes)."""
+
+    def set_experts_implementation(self: nn.Module, experts_implementation: str | dict) -> None:
+        requested = (
+            experts_implementation.values() if isinstance(experts_implementation, dict) else [experts_implementation]
+        )
+        if any(value != IMPLEMENTATION for value in requested) and any(is_mxfp4_experts(m) for m in self.modules()):
+            raise ValueError(
+                f"this model's experts are MXFP4 and run only as the {IMPLEMENTATION!r} experts implementation, "
+                f"not {experts_implementation!r}: call model.dequantize() first for float experts"
+            )
+        type(self).set_experts_implementation(self, experts_implementation)
+
+    model.set_experts_implementation = types.MethodType(set_experts_implementation, model)
 
 
 def record_scale_conversions(model: nn.Module) -> None:
@@ -246,6 +266,7 @@ __all__ = [
     "dequantize",
     "GATHER_PAIRS",
     "experts_forward",
+    "guard_implementation",
     "is_fused_experts",
     "is_mxfp4_experts",
     "prepare_for_loading",

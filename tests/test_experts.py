@@ -195,3 +195,15 @@ def test_the_decode_path_compiles_as_one_graph(checkpoints):
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(hidden, index, weights), module(hidden, index, weights), atol=0, rtol=0)
+
+
+def test_switching_mxfp4_experts_to_another_implementation_is_refused(checkpoints):
+    model = load(checkpoints["mixtral"], calibration=None)
+    with pytest.raises(
+        ValueError, match="experts are MXFP4 and run only as the 'qwantize_mxfp4' experts implementation"
+    ):
+        model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(IMPLEMENTATION)  # its own is fine
+    model.dequantize()
+    model.set_experts_implementation("eager")  # float experts again: any
+    assert model.model.layers[0].mlp.experts.config._experts_implementation == "eager"
