@@ -12,8 +12,9 @@ reversing its load-time conversions; the codes follow the weights, and ``record_
 gives the scales the same conversions, so a checkpoint holds ``experts.<e>.<proj>.weight`` uint8
 ``[N, K/2]`` and ``.weight_scale`` ``[N, K/32]``: the MXFP4Linear layout, one per expert.
 
-Supported layout: gated, concatenated ``[gate; up]`` or the module's own ``_apply_gate``, weights
-``[E, N, K]`` (not ``is_transposed``), no biases; the others stay float and the coverage report says why.
+Supported layouts: gated experts (``gate_up_proj``, gated by the module's ``_apply_gate``), weights ``[E, N, K]``
+or transposed ``[E, K, N]`` (GPT-OSS; quantized along K all the same, and stored as ``[E, N, K/2]``), with or
+without biases (kept float). Ungated experts stay float and the coverage report says why.
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ IMPLEMENTATION = "qwantize_mxfp4"
 
 def unsupported_layout(module: nn.Module) -> str | None:
     """Why a fused experts module cannot be MXFP4 (None when it can, or when it is not one)."""
-    if getattr(module, "is_transposed", False):
-        return "stores its expert weights transposed ([E, K, N])"
-    if getattr(module, "has_bias", False):
-        return "has expert biases"
     if not getattr(module, "has_gate", True):
         return "has no gate_up_proj (ungated experts)"
     return None
@@ -71,8 +68,14 @@ def stored_pairs(module: nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple((projection, projection + SCALE_SUFFIX) for projection in PROJECTIONS)
 
 
+def product_shape(module: nn.Module, projection: str) -> tuple[int, int, int]:
+    """``(experts, out, in)`` of a projection, whichever way its float weight is stored (GPT-OSS: ``[E, K, N]``)."""
+    experts, rows, columns = _weight(module, projection).shape
+    return (experts, columns, rows) if getattr(module, "is_transposed", False) else (experts, rows, columns)
+
+
 def divisible(module: nn.Module, block_size: int) -> bool:
-    return all(_weight(module, projection).shape[-1] % block_size == 0 for projection in PROJECTIONS)
+    return all(product_shape(module, projection)[2] % block_size == 0 for projection in PROJECTIONS)
 
 
 def prepare_for_loading(module: nn.Module, *, block_size: int, stored: bool) -> None:
@@ -81,7 +84,7 @@ def prepare_for_loading(module: nn.Module, *, block_size: int, stored: bool) -> 
     load op quantizes."""
     for projection in PROJECTIONS:
         weight = _weight(module, projection)
-        experts, rows, columns = weight.shape
+        experts, rows, columns = product_shape(module, projection)  # the codes are [E, N, K/2] either way
         scales = torch.empty(experts, rows, columns // block_size, dtype=torch.uint8, device=weight.device)
         module.register_parameter(projection + SCALE_SUFFIX, nn.Parameter(scales, requires_grad=False))
         if stored:
@@ -137,10 +140,25 @@ def experts_forward(
     return _looped(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _expert(self: nn.Module, state: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+def _tensors(self: nn.Module, index: int | torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The codes, scales and (GPT-OSS) biases of expert ``index`` (or of each expert an index tensor names)."""
+    names = [name for pair in stored_pairs(self) for name in pair]
+    tensors: dict[str, torch.Tensor | None] = {name: getattr(self, name)[index] for name in names}
+    for projection in PROJECTIONS:
+        bias = getattr(self, projection + "_bias", None) if getattr(self, "has_bias", False) else None
+        tensors[projection + "_bias"] = None if bias is None else bias[index]
+    return tensors
+
+
+def _expert(self: nn.Module, state: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
     block_size = self.mxfp4_block_size
-    gate_up = mxfp4_linear(state, codes["gate_up_proj"], codes["gate_up_proj_scale"], None, block_size)
-    state = mxfp4_linear(self._apply_gate(gate_up), codes["down_proj"], codes["down_proj_scale"], None, block_size)
+    gate_up = mxfp4_linear(
+        state, tensors["gate_up_proj"], tensors["gate_up_proj_scale"], tensors["gate_up_proj_bias"], block_size
+    )
+    state = mxfp4_linear(
+        self._apply_gate(gate_up), tensors["down_proj"], tensors["down_proj_scale"], tensors["down_proj_bias"],
+        block_size,
+    )  # fmt: skip
     return self.post_expert_norm(state) if getattr(self, "has_post_expert_norm", False) else state
 
 
@@ -154,8 +172,7 @@ def _looped(
         if expert >= self.num_experts:  # expert-parallel sentinels
             continue
         token, position = torch.where(top_k_index == expert)
-        codes = {name: getattr(self, name)[expert] for pair in stored_pairs(self) for name in pair}
-        state = _expert(self, hidden_states[token], codes) * top_k_weights[token, position, None]
+        state = _expert(self, hidden_states[token], _tensors(self, expert)) * top_k_weights[token, position, None]
         final.index_add_(0, token, state.to(final.dtype))
     return final
 
@@ -167,9 +184,8 @@ def _gathered(
     flat = top_k_index.reshape(-1)
     valid = flat < self.num_experts  # expert-parallel sentinels add nothing
     ids = flat.clamp(max=self.num_experts - 1)
-    codes = {name: getattr(self, name)[ids] for pair in stored_pairs(self) for name in pair}  # [pairs, N, ...]
     state = hidden_states.repeat_interleave(top_k, dim=0)[:, None, :]  # [pairs, 1, H]
-    out = _expert(self, state, codes)[:, 0, :]
+    out = _expert(self, state, _tensors(self, ids))[:, 0, :]  # each pair's expert: codes [pairs, N, K/2]
     weights = torch.where(valid, top_k_weights.reshape(-1), torch.zeros_like(top_k_weights.reshape(-1)))
     out = (out * weights[:, None]).to(hidden_states.dtype)
     return out.reshape(tokens, top_k, -1).sum(dim=1)
@@ -252,6 +268,8 @@ def dequantize(module: nn.Module, dtype: torch.dtype) -> None:
     for projection in PROJECTIONS:
         codes, scales = getattr(module, projection), getattr(module, projection + SCALE_SUFFIX)
         weight = dequantize_mxfp4(codes, scales, block_size=block_size, dtype=dtype)
+        if getattr(module, "is_transposed", False):  # back to the [E, K, N] the module computes with
+            weight = weight.transpose(-1, -2).contiguous()
         setattr(module, projection, nn.Parameter(weight))
         delattr(module, projection + SCALE_SUFFIX)
     del module.mxfp4_block_size
@@ -266,6 +284,7 @@ __all__ = [
     "dequantize",
     "GATHER_PAIRS",
     "experts_forward",
+    "product_shape",
     "guard_implementation",
     "is_fused_experts",
     "is_mxfp4_experts",

@@ -481,6 +481,8 @@ class QuantizeOnLoad(ConversionOps):
             module_name, _, tensor_name = name.rpartition(".")
             module = model.get_submodule(module_name) if model is not None else None
             if experts.awaits_quantization(module, tensor_name):  # fused experts [E, N, K], already merged
+                if getattr(module, "is_transposed", False):  # GPT-OSS's [E, K, N]: blocks along K all the same
+                    tensor = tensor.transpose(-1, -2).contiguous()
                 packed, scales = quantize_mxfp4(
                     tensor, block_size=config.block_size, scale_method=config.scale_method, name=name
                 )

@@ -8,11 +8,12 @@ import logging
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GptOssConfig
+from transformers import AutoModelForCausalLM
+from transformers.integrations.moe import use_experts_implementation
 
 from qwantize_hf import MXFP4Config
 from qwantize_hf.coverage import coverage
-from tests.tiny_models import COMMON, FAMILIES, save_random_model
+from tests.tiny_models import FAMILIES, save_random_model
 
 
 class Messages(logging.Handler):
@@ -52,16 +53,23 @@ def test_a_dense_model_reports_every_linear_algebra_weight_as_mxfp4_and_warns_of
     assert set(report.float) == {"embeddings", "norms", "output head"} and report.skipped == []
 
 
-def test_fused_experts_of_an_unsupported_layout_are_warned_about_by_name(tmp_path):
-    # GPT-OSS stores its experts transposed ([E, K, N]) with biases: they stay float, and the load says so
-    config = GptOssConfig(**{**COMMON, "head_dim": 16}, num_local_experts=4, num_experts_per_tok=2)
-    model, messages = load(save_random_model(config, tmp_path / "gpt_oss"), calibration=None)
-    warning = messages.text(logging.WARNING)
-    assert "4 weight(s) that look quantizable stayed float: fused mixture-of-experts weights of this layout " in warning
-    assert "(GptOssExperts stores its expert weights transposed ([E, K, N])) have no MXFP4 kind yet" in warning
-    assert "model.layers.0.mlp.experts.gate_up_proj [4, 64, 256]" in warning
-    report = coverage(model, model.config.quantization_config.modules_to_not_convert, 32)
-    assert report.share() < 0.5 and "routers" in report.float  # the router is not counted against the share
+@use_experts_implementation(has_gate=False)
+class UngatedExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = 4
+        self.up_proj = nn.Parameter(torch.zeros(4, 128, 64))
+        self.down_proj = nn.Parameter(torch.zeros(4, 64, 128))
+
+
+def test_fused_experts_of_an_unsupported_layout_are_warned_about_by_name():
+    model = nn.Module()
+    model.experts = UngatedExperts(FAMILIES["llama"]())
+    report = coverage(model, [], 32)
+    why = "fused mixture-of-experts weights of this layout (UngatedExperts has no gate_up_proj (ungated experts)) have "
+    assert report.skipped == [("experts.up_proj [4, 128, 64]", why + "no MXFP4 kind yet"),
+                              ("experts.down_proj [4, 64, 128]", why + "no MXFP4 kind yet")]  # fmt: skip
+    assert report.share() == 0.0 and "1 more" not in report.warnings()[0]
 
 
 def test_a_model_that_quantized_nothing_is_warned_about_and_does_not_save(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from qwantize_hf import MXFP4Config, dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.coverage import coverage
@@ -27,8 +27,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAMILIES = {
     "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
     "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # experts stored transposed ([E, K, N]) with biases, gated by its own clamped SwiGLU; no per-expert checkpoint
+    "gpt_oss": lambda: GptOssConfig(**{**COMMON, "head_dim": 16}, num_local_experts=4, num_experts_per_tok=2),
 }
-EXPERT_KEYS = {"qwen3_moe": "mlp.experts.0.gate_proj", "mixtral": "block_sparse_moe.experts.0.w1"}
+# each expert's first projection in the checkpoint (codes [N, K/2]); GPT-OSS keeps its experts fused
+EXPERT_KEYS = {"qwen3_moe": "mlp.experts.0.gate_proj.weight", "mixtral": "block_sparse_moe.experts.0.w1.weight",
+               "gpt_oss": "mlp.experts.gate_up_proj"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,7 @@ def fake_quant_reference(folder) -> nn.Module:
             if hasattr(module, "is_concatenated"):
                 for projection in ("gate_up_proj", "down_proj"):
                     weight = getattr(module, projection)
+                    weight = weight.transpose(-1, -2) if module.is_transposed else weight  # [E, N, K] (a view)
                     weight.copy_(dequantize_mxfp4(*quantize_mxfp4(weight, name=name), dtype=weight.dtype))
             elif type(module) is nn.Linear and name != "lm_head":
                 module.weight.copy_(dequantize_mxfp4(*quantize_mxfp4(module.weight, name=name), dtype=torch.bfloat16))
@@ -68,6 +73,8 @@ def test_experts_become_mxfp4_and_the_logits_equal_the_fake_quant_reference(chec
     assert len(modules) == 2 and all(is_mxfp4_experts(m) for m in modules.values())
     module = next(iter(modules.values()))
     rows = 2 * (64 if family == "qwen3_moe" else 128)  # gate and up of the experts' intermediate size; H = 64
+    if family == "gpt_oss":
+        assert module.gate_up_proj_bias.dtype == torch.bfloat16  # biases stay float
     assert module.gate_up_proj.dtype == torch.uint8 and tuple(module.gate_up_proj.shape) == (4, rows, 32)
     assert tuple(module.gate_up_proj_scale.shape) == (4, rows, 2)
     assert module.config._experts_implementation == IMPLEMENTATION
@@ -92,10 +99,9 @@ def test_every_method_stores_experts_per_expert_and_reloads_bit_identical(checkp
     model.save_pretrained(tmp_path / "q")
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as stored:
         key = f"model.layers.0.{EXPERT_KEYS[family]}"
-        assert stored.get_slice(f"{key}.weight").get_dtype() == "U8"
-        assert stored.get_slice(f"{key}.weight_scale").get_dtype() == "U8"
-        assert stored.get_slice(f"{key}.weight").get_shape() == [stored.get_slice(f"{key}.weight_scale").get_shape()[0],
-                                                                 32]  # fmt: skip
+        codes, scales = stored.get_slice(key), stored.get_slice(f"{key}_scale")
+        assert codes.get_dtype() == scales.get_dtype() == "U8"
+        assert codes.get_shape()[:-1] == scales.get_shape()[:-1] and codes.get_shape()[-1] == 32  # H / 2
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=DEVICE)
     assert_same_tensors(model.state_dict(), reloaded.state_dict())
     ids = input_ids().to(DEVICE)
