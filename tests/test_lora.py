@@ -242,3 +242,18 @@ def test_saving_a_model_whose_mxfp4_layers_were_merged_to_float_is_refused(check
     with pytest.raises(ValueError, match=r"2 layer\(s\) loaded as MXFP4Linear are float now .*merge_and_dequantize"):
         merged.save_pretrained(tmp_path / "half")
     assert not (tmp_path / "half" / "model.safetensors").exists()
+
+
+def test_peft_prepare_model_for_kbit_training_keeps_the_codes_and_trains(checkpoint):
+    # the usual QLoRA preamble: it freezes everything and casts the float parameters to float32
+    model = peft.prepare_model_for_kbit_training(quantized(checkpoint))
+    before = base_bytes(model)
+    assert all(p.dtype in (torch.uint8, torch.float32) for p in model.parameters())
+    peft_model = peft.get_peft_model(model, lora.lora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    ids = input_ids().to(DEVICE)
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert peft_model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight.grad is not None
+    after = base_bytes(model)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
