@@ -410,3 +410,29 @@ def test_shard_names_that_leave_the_folder_are_refused_both_ways(tmp_path, hosti
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != index_path} == {
             p: b for p, b in before.items() if p != index_path
         }
+
+
+def test_a_mixture_of_experts_checkpoint_exports_each_expert_and_ignores_the_routers(tmp_path, caplog):
+    # vLLM (read from its source, not run here) maps experts.<e>.{gate,up,down}_proj.weight_packed/weight_scale
+    # onto its fused experts, and builds a float router only when `ignore` names it
+    from transformers import Qwen3MoeConfig
+
+    from tests.tiny_models import save_random_model
+
+    config = Qwen3MoeConfig(**TINY_COMMON, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    folder = save_random_model(config, tmp_path / "float")
+    AutoModelForCausalLM.from_pretrained(folder, quantization_config=MXFP4Config(calibration=None)).save_pretrained(
+        tmp_path / "ours"
+    )
+    with caplog.at_level(logging.WARNING):
+        to_compressed_tensors(tmp_path / "ours", tmp_path / "ct")
+    assert "are not Linear layers" not in caplog.text
+    qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qconfig["ignore"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate", "lm_head"]
+    ours, exported = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "ct")
+    for layer in range(2):
+        for expert in range(4):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{expert}.{projection}"
+                assert torch.equal(exported[f"{name}.weight_packed"], ours[f"{name}.weight"])
+                assert torch.equal(exported[f"{name}.weight_scale"], ours[f"{name}.weight_scale"])

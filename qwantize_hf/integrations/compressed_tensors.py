@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -204,7 +205,10 @@ def _check_ct_mxfp4(qconfig: Mapping[str, Any] | None, where: str) -> None:
             logger.warning(
                 "%s: config group %r also quantizes input activations (%s-bit %s, dynamic); qwantize_hf keeps "
                 "activations in bf16, so the imported model computes weight-only (W4A16)",
-                where, name, activations.get("num_bits"), activations.get("type"),
+                where,
+                name,
+                activations.get("num_bits"),
+                activations.get("type"),
             )
 
 
@@ -293,12 +297,23 @@ def _quantized_modules(headers: Mapping[str, TensorHeader], codes_suffix: str, w
     return modules
 
 
+def _linear_like(module: torch.nn.Module) -> bool:
+    """An ``nn.Linear``, or a module that owns a 2-D weight and is not an embedding: a mixture-of-experts
+    router (transformers' ``*TopKRouter``, a Linear in vLLM) or a GPT-2 Conv1D."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
+
+
 def linear_module_names(config: Mapping[str, Any]) -> list[str]:
-    """Names of every ``nn.Linear`` in the model a config.json describes, in ``named_modules`` order.
+    """Names of every Linear-like module (``_linear_like``) of the model a config.json describes, in
+    ``named_modules`` order.
 
     The model is built on the meta device (no memory, no weights) from its
     transformers class. compressed-tensors lists each Linear it left
-    unquantized in ``ignore``; vLLM expects packed weights for every other one.
+    unquantized in ``ignore``; vLLM expects packed weights for every other one
+    (a float MoE router it does not find in ``ignore`` is built as an MXFP4 Linear).
     """
     import transformers
 
@@ -314,17 +329,23 @@ def linear_module_names(config: Mapping[str, Any]) -> list[str]:
     model_config = model_class.config_class.from_dict(plain)
     with torch.device("meta"):
         model = model_class(model_config)
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    return [name for name, module in model.named_modules() if _linear_like(module)]
+
+
+# per-expert projections (``...experts.<e>.gate_proj``): runtimes map them onto their fused experts by name
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _unquantized_linears(linears: list[str], quantized: Iterable[str], where: str) -> list[str]:
     quantized = set(quantized)
-    strangers = sorted(quantized.difference(linears))
+    strangers = sorted(name for name in quantized.difference(linears) if not _PER_EXPERT.search(name))
     if strangers:
         logger.warning(
             "%s: %d quantized module(s) are not Linear layers of the model config.json describes (first: %s); "
             "they are written as they are, but a runtime matching Linear layers by name may not find them",
-            where, len(strangers), strangers[0],
+            where,
+            len(strangers),
+            strangers[0],
         )
     return [name for name in linears if name not in quantized]
 
@@ -449,7 +470,7 @@ def model_to_compressed_tensors(
     where = f"{type(model).__name__}.state_dict()"
     modules = _quantized_modules(headers, OUR_CODES_SUFFIX, where)
     if ignore is None:
-        linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        linears = [name for name, module in model.named_modules() if _linear_like(module)]
         ignore = _unquantized_linears(linears, modules, where)
     _prepare_out_dir(None, out, overwrite)
     rename = _renamer(modules, OUR_CODES_SUFFIX, CT_CODES_SUFFIX)
