@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(time.perf_counter() - start)
         load = statistics.median(loads)
         checks = {
-            "stored dtypes (headers)": lambda: replace.match_stored_dtypes(model, files),
+            "stored dtypes (headers)": lambda: replace.match_stored_dtypes(model, replace.stored_dtypes(files)),
             "missing tensors": lambda: replace.check_stored_tensors_loaded(model),
             "dtype views": lambda: replace.view_stored_bytes(model),
             "scale byte 255 scan": lambda: replace.check_stored_scales(model),

@@ -2,7 +2,7 @@
 
 After a load, the quantizer logs the summary and warns about each weight that looks like linear
 algebra (a 2-D or 3-D float weight outside embeddings, norms, routers and the output head) and
-stayed float, saying why: fused experts of an unsupported layout (transposed, with biases), a subclass of
+stayed float, saying why: fused experts of an unsupported layout (ungated), a subclass of
 ``nn.Linear`` may carry a forward of its own, ``in_features`` is not a multiple of the block size,
 or the user's ``modules_to_not_convert`` (not warned: asked for). A model in
 which nothing became MXFP4 must not be saved as an MXFP4 checkpoint (``quantizer.py``).
@@ -78,7 +78,7 @@ def _category(name: str, module: nn.Module, head: str | None, skip: list[str]) -
         return "norms"
     if name == head:
         return "output head"
-    if "router" in kind or name.rsplit(".", 1)[-1] in ("router", "gate") and "mlp" not in kind:
+    if "router" in kind or (name.rsplit(".", 1)[-1] in ("router", "gate") and "mlp" not in kind):
         return "routers"
     if module_matches(name, skip):
         return "modules_to_not_convert"
@@ -86,18 +86,17 @@ def _category(name: str, module: nn.Module, head: str | None, skip: list[str]) -
 
 
 def _why_skipped(module: nn.Module, tensor: torch.Tensor, block_size: int) -> str:
-    cls = type(module)
+    cls, kind = type(module), weight_kind(module)
     if tensor.ndim == 3:
         layout = unsupported_layout(module)
         if layout is not None:
             return f"fused mixture-of-experts weights of this layout ({cls.__name__} {layout}) have no MXFP4 kind yet"
         return f"fused experts ({cls.__name__}) were left float (in_features not a multiple of {block_size}?)"
-    if isinstance(module, nn.Linear) and weight_kind(module) is None:
+    if isinstance(module, nn.Linear) and kind is None:
         return (
             f"{cls.__module__}.{cls.__name__} subclasses nn.Linear with a forward of its own, which an "
             "MXFP4Linear would drop"
         )
-    kind = weight_kind(module)
     if kind is not None and kind.reduction_size(module) % block_size:
         return f"in_features is not a multiple of block_size {block_size}"
     if kind is not None:
@@ -121,9 +120,7 @@ def coverage(model: nn.Module, modules_to_not_convert: Iterable[str], block_size
                 packed, scales = getattr(module, codes_name), getattr(module, scales_name)
                 row[1] += packed.numel() * 2
                 row[2] += packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
-            for _, tensor in module.named_parameters(recurse=False):  # biases stay float
-                if tensor.is_floating_point() and id(tensor) not in seen:
-                    seen.add(id(tensor))
+            continue  # its biases stay float and are not counted
         for parameter, tensor in module.named_parameters(recurse=False):
             if id(tensor) in seen or not tensor.is_floating_point():
                 continue

@@ -135,9 +135,11 @@ class MXFP4HfQuantizer(HfQuantizer):
                 modules_to_not_convert=config.modules_to_not_convert,
                 quantize_on_load=not self.pre_quantized,
             )
-        self._experts_names = self._prepare_experts(model, kwargs.get("checkpoint_files"))
+        # a stored checkpoint's tensor dtypes (its .safetensors headers), read once for both uses
+        stored = replace.stored_dtypes(kwargs.get("checkpoint_files")) if self.pre_quantized else {}
+        self._experts_names = self._prepare_experts(model, stored)
         if self.pre_quantized:
-            replace.match_stored_dtypes(model, kwargs.get("checkpoint_files"))
+            replace.match_stored_dtypes(model, stored)
         self._checkpoint_files = kwargs.get("checkpoint_files")
         if not_divisible:
             logger.warning(
@@ -150,15 +152,13 @@ class MXFP4HfQuantizer(HfQuantizer):
             # Recorded in config.json, so a reload skips exactly the same layers.
             config.modules_to_not_convert = config.modules_to_not_convert + not_divisible
 
-    def _prepare_experts(self, model: torch.nn.Module, checkpoint_files: Any) -> list[str]:
+    def _prepare_experts(self, model: torch.nn.Module, stored: dict[str, str]) -> list[str]:
         """Fused experts modules that become MXFP4 (their scale placeholders registered); a stored checkpoint's
-        experts are MXFP4 when it holds expert scales (a checkpoint written before experts were quantized
-        holds float experts, and they load as such)."""
+        experts are MXFP4 when it holds expert scales (``stored``: its tensor names; a checkpoint written
+        before experts were quantized holds float experts, and they load as such)."""
         config = self.quantization_config
-        if self.pre_quantized:
-            keys = replace.stored_dtypes(checkpoint_files)
-            if keys and not any(".experts." in key and key.endswith(experts.SCALE_SUFFIX) for key in keys):
-                return []
+        if stored and not any(".experts." in key and key.endswith(experts.SCALE_SUFFIX) for key in stored):
+            return []
         names = [
             name for name, module in model.named_modules()
             if experts.is_fused_experts(module) and not replace.module_matches(name, config.modules_to_not_convert)

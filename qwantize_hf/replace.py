@@ -371,12 +371,12 @@ def stored_dtypes(checkpoint_files: Iterable[str] | None) -> dict[str, str]:
     return stored
 
 
-def match_stored_dtypes(model: nn.Module, checkpoint_files: Iterable[str] | None) -> None:
+def match_stored_dtypes(model: nn.Module, stored: dict[str, str]) -> None:
     """Before loading stored MXFP4 bytes: give each packed/scales placeholder the dtype its checkpoint
-    tensor has when that dtype holds the bytes as they are (``STORED_BYTE_DTYPES``), so transformers
-    loads it without a cast; refuse any other dtype, naming the tensor. Reads only the headers of
-    ``.safetensors`` files (other formats load as they always did)."""
-    stored = stored_dtypes(checkpoint_files)
+    tensor has (``stored``: ``stored_dtypes`` of the checkpoint files, read from ``.safetensors`` headers;
+    other formats load as they always did) when that dtype holds the bytes as they are
+    (``STORED_BYTE_DTYPES``), so transformers loads it without a cast; refuse any other dtype, naming
+    the tensor."""
     if not stored:
         return
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
