@@ -271,8 +271,6 @@ def collect_activation_stats(
     Returns float32 tensors ``[in_features]`` keyed by module name, on the CPU.
     Sums are kept in float64 so a long text does not lose the small features.
     """
-    from tqdm.auto import tqdm
-
     names = list(module_names)
     if not names:
         raise ValueError("no modules to collect statistics for: the model has no eligible nn.Linear")
@@ -289,12 +287,9 @@ def collect_activation_stats(
 
         return record
 
-    device = input_device(model)
     handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in names]
     try:
-        sequences = list(sequences)
-        for ids in tqdm(sequences, desc="calibration", unit="seq", disable=not progress, leave=False):
-            model(input_ids=ids.to(device)[None], use_cache=False)
+        run_sequences(model, sequences, progress=progress)
     finally:
         for handle in handles:
             handle.remove()
@@ -307,6 +302,17 @@ def collect_activation_stats(
         )
     logger.info("activation statistics of %d Linear modules over %d tokens", len(names), counts[names[0]])
     return {name: (sums[name] / counts[name]).to(torch.float32).cpu() for name in names}
+
+
+@torch.inference_mode()
+def run_sequences(model: nn.Module, sequences: Iterable[torch.Tensor], *, progress: bool = True) -> None:
+    """Run each token sequence through ``model`` (for the hooks that watch it; the outputs are dropped)."""
+    from tqdm.auto import tqdm
+
+    device = input_device(model)
+    sequences = list(sequences)
+    for ids in tqdm(sequences, desc="calibration", unit="seq", disable=not progress, leave=False):
+        model(input_ids=ids.to(device)[None], use_cache=False)
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -330,5 +336,6 @@ __all__ = [
     "eligible_linear_names",
     "input_device",
     "load_tokenizer",
+    "run_sequences",
     "token_ids",
 ]

@@ -74,6 +74,40 @@ def product_shape(module: nn.Module, projection: str) -> tuple[int, int, int]:
     return (experts, columns, rows) if getattr(module, "is_transposed", False) else (experts, rows, columns)
 
 
+def expert_weight(module: nn.Module, projection: str, expert: int | None = None) -> torch.Tensor:
+    """The float weight of a projection as ``[E, N, K]`` (or expert ``expert``'s ``[N, K]``): a view, transposed
+    for GPT-OSS's ``[E, K, N]``, so writing into it writes the module's weight."""
+    weight = _weight(module, projection)
+    if getattr(module, "is_transposed", False):
+        weight = weight.transpose(-1, -2)
+    return weight if expert is None else weight[expert]
+
+
+def float_product(
+    module: nn.Module, projection: str, expert: int, x: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + b`` of a float experts module's expert ``expert`` (``weight``: its ``[N, K]`` when at hand)."""
+    weight = expert_weight(module, projection, expert) if weight is None else weight
+    bias = getattr(module, projection + "_bias", None) if getattr(module, "has_bias", False) else None
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias[expert])
+
+
+def gated(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """The module's own gate (activation, and for GPT-OSS its clamp and GLU) applied to ``gate_up_proj``'s output."""
+    return module._apply_gate(gate_up)
+
+
+def install(module: nn.Module, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]], *, block_size: int) -> None:
+    """Make a float experts module MXFP4: each projection's float weight becomes its codes ``[E, N, K/2]``
+    and ``<projection>_scale`` its scales (on the weight's device)."""
+    for projection in PROJECTIONS:
+        packed, scales = quantized[projection]
+        device = _weight(module, projection).device
+        setattr(module, projection, nn.Parameter(packed.to(device), requires_grad=False))
+        module.register_parameter(projection + SCALE_SUFFIX, nn.Parameter(scales.to(device), requires_grad=False))
+    module.mxfp4_block_size = block_size
+
+
 def divisible(module: nn.Module, block_size: int) -> bool:
     return all(product_shape(module, projection)[2] % block_size == 0 for projection in PROJECTIONS)
 
@@ -156,7 +190,7 @@ def _expert(self: nn.Module, state: torch.Tensor, tensors: dict[str, torch.Tenso
         state, tensors["gate_up_proj"], tensors["gate_up_proj_scale"], tensors["gate_up_proj_bias"], block_size
     )
     state = mxfp4_linear(
-        self._apply_gate(gate_up), tensors["down_proj"], tensors["down_proj_scale"], tensors["down_proj_bias"],
+        gated(self, gate_up), tensors["down_proj"], tensors["down_proj_scale"], tensors["down_proj_bias"],
         block_size,
     )  # fmt: skip
     return self.post_expert_norm(state) if getattr(self, "has_post_expert_norm", False) else state
@@ -282,6 +316,10 @@ __all__ = [
     "awaits_quantization",
     "check_shapes",
     "dequantize",
+    "expert_weight",
+    "float_product",
+    "gated",
+    "install",
     "GATHER_PAIRS",
     "experts_forward",
     "product_shape",

@@ -37,7 +37,7 @@ from transformers.quantizers import auto as transformers_auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from qwantize_hf import calibration, card, coverage, experts, read_back, replace, sequential
+from qwantize_hf import calibration, card, coverage, expert_calibration, experts, read_back, replace, sequential
 from qwantize_hf.config import QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear import MXFP4Linear
@@ -165,6 +165,8 @@ class MXFP4HfQuantizer(HfQuantizer):
             and experts.divisible(module, config.block_size)
         ]  # fmt: skip
         for name in names:
+            if self.calibrates:  # they load float, and are quantized per expert after the calibration text
+                continue
             module = model.get_submodule(name)
             experts.prepare_for_loading(module, block_size=config.block_size, stored=self.pre_quantized)
         if names:
@@ -207,9 +209,8 @@ class MXFP4HfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         # transformers calls this after model.eval() and after accelerate has dispatched a split
         # device_map (5.17 and 5.24 alike), so the calibration forward runs as the user's would.
-        if self._experts_names:  # before any forward: the calibration passes run the MXFP4 experts
-            experts.record_scale_conversions(model)
-            experts.use_implementation(model, self._experts_names)
+        if self._experts_names and not self.calibrates:  # before any forward (the random-token pass runs them)
+            self._use_mxfp4_experts(model)
         head = self._untie_head(model)
         if self.calibrates:
             self._calibrate_and_quantize(model)
@@ -239,6 +240,10 @@ class MXFP4HfQuantizer(HfQuantizer):
         self._mxfp4_names = read_back.mxfp4_module_names(model)
         self._report_coverage(model)
         card.upload_card_with_push_to_hub(model)
+
+    def _use_mxfp4_experts(self, model: torch.nn.Module) -> None:
+        experts.record_scale_conversions(model)
+        experts.use_implementation(model, self._experts_names)
 
     def _report_coverage(self, model: torch.nn.Module) -> None:
         config = self.quantization_config
@@ -295,6 +300,7 @@ class MXFP4HfQuantizer(HfQuantizer):
             model, config.block_size, config.modules_to_not_convert, quantize_lm_head=config.quantize_lm_head
         )
         sequences, record = calibration.calibration_inputs(config.calibration, model)
+        routed: dict[str, tuple[int, int]] = {}
         if config.algorithm == "gptq":
             quantized = sequential.gptq_sequential(
                 model,
@@ -308,12 +314,37 @@ class MXFP4HfQuantizer(HfQuantizer):
                 tune_norms=config.gptq["tune_norms"],
                 end_to_end_norms=config.gptq["end_to_end_norms"],
                 progress=logger.info,
+                experts_names=self._experts_names,
+                routed_counts=routed,
             )
+            for name in self._experts_names:
+                experts.install(model.get_submodule(name), quantized.pop(name), block_size=config.block_size)
             for name, (packed, scales) in quantized.items():
                 replace.swap_in_mxfp4(model, name, packed, scales, block_size=config.block_size)
         else:
-            stats = calibration.collect_activation_stats(model, sequences, names, progress=is_progress_bar_enabled())
+            progress = is_progress_bar_enabled()
+            with expert_calibration.routed_inputs(
+                model, self._experts_names, expert_calibration.RoutedMeanSquares
+            ) as statistics:
+                if names:
+                    stats = calibration.collect_activation_stats(model, sequences, names, progress=progress)
+                else:  # only experts to calibrate
+                    stats = {}
+                    calibration.run_sequences(model, sequences, progress=progress)
             replace.quantize_linears_with_weights(model, stats, block_size=config.block_size)
+            for name in self._experts_names:
+                module = model.get_submodule(name)
+                result, count = expert_calibration.quantize_routed_rtn(
+                    module, statistics[name], block_size=config.block_size, name=name
+                )
+                experts.install(module, result, block_size=config.block_size)
+                routed[name] = (count, result[experts.PROJECTIONS[0]][0].shape[0])
+        if self._experts_names:
+            self._use_mxfp4_experts(model)
+            with_tokens, total = (sum(counts) for counts in zip(*routed.values()))
+            record.update(expert_calibration.experts_record(with_tokens, total))
+            logger.info("%s: %d of %d experts received calibration tokens (the others: data-free mse scales)",
+                        config.algorithm, with_tokens, total)  # fmt: skip
         # From here on the config describes the calibration; it no longer holds the tokenizer or texts.
         config.calibration = record
         tokens, dataset = record["calibration_tokens"], record["dataset"]

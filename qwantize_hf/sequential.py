@@ -63,6 +63,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwantize_hf.expert_calibration import quantize_routed_gptq, routed_inputs
+from qwantize_hf.experts import PROJECTIONS
 from qwantize_hf.gptq import DEFAULT_DAMPING, gptq_quantize
 from qwantize_hf.methods import DEFAULT_SCALE_METHOD
 from qwantize_hf.norm_fits import (
@@ -228,7 +230,9 @@ def gptq_sequential(
     device: torch.device | None = None,
     input_device: torch.device | None = None,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    experts_names: Iterable[str] = (),
+    routed_counts: dict[str, tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """GPTQ every named Linear, decoder layer by decoder layer, on quantized inputs.
 
     Returns ``name -> (packed, scales)`` on the CPU. ``device``: where each layer is
@@ -242,18 +246,24 @@ def gptq_sequential(
     each layer is quantized, and the final norm after the last; ``end_to_end_norms``: then all of
     them at once, to the float model's next-token distributions (see the module docstring);
     otherwise nothing else in the model changes.
+
+    ``experts_names``: fused experts modules (float) to quantize too, each expert by GPTQ on the tokens
+    routed to it (``expert_calibration.quantize_routed_gptq``), after the Linears of its layer: their
+    results are ``{projection: (packed [E, N, K/2], scales)}``, and ``routed_counts`` (when given) gets
+    each module's ``(experts that received tokens, experts)``.
     """
     names = list(module_names)
-    if not names:
+    fused = list(experts_names)
+    if not names and not fused:
         raise ValueError("no modules to quantize: the model has no eligible nn.Linear")
     if not sequences:
         raise ValueError("GPTQ needs at least one calibration sequence")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layers_name, layers = decoder_layers(model, names)
+    layers_name, layers = decoder_layers(model, names + fused)
     prefix = f"{layers_name}." if layers_name else ""
     head = output_head_of(model)
     head_name = next((name for name in names if head is not None and model.get_submodule(name) is head), None)
-    outside = [name for name in names if not name.startswith(prefix) and name != head_name]
+    outside = [name for name in names + fused if not name.startswith(prefix) and name != head_name]
     if outside:
         raise ValueError(
             f"{len(outside)} Linear(s) to quantize sit outside the decoder layers ({layers_name}), first "
@@ -274,11 +284,13 @@ def gptq_sequential(
     for index, layer in enumerate(layers):
         layer_prefix = f"{prefix}{index}."
         local = {name[len(layer_prefix) :]: name for name in names if name.startswith(layer_prefix)}
+        local_experts = {name[len(layer_prefix) :]: name for name in fused if name.startswith(layer_prefix)}
         home = next(layer.parameters()).device
         layer.to(device)
         groups = linear_groups(layer, local, inputs, device) if local else []
         # the float layer: a copy when this one is about to change, else the layer itself
-        float_layer = (copy.deepcopy(layer) if local else layer) if keep_float else None
+        changes = bool(local or local_experts)
+        float_layer = (copy.deepcopy(layer) if changes else layer) if keep_float else None
         for position, group in enumerate(groups):
             if true_sequential or position == 0:
                 # true_sequential: each group's inputs are recomputed with the groups before it quantized;
@@ -294,11 +306,24 @@ def gptq_sequential(
                 )  # fmt: skip
                 weight.copy_(dequantize_mxfp4(packed, scales, block_size=block_size, dtype=weight.dtype))
                 results[local[local_name]] = (packed.cpu(), scales.cpu())
+        if local_experts:  # on the outputs of the quantized Linears before them
+            with routed_inputs(layer, local_experts) as records:
+                run_layer(layer, inputs, device)
+            for local_name, record in records.items():
+                module, name = layer.get_submodule(local_name), local_experts[local_name]
+                quantized, routed = quantize_routed_gptq(
+                    module, record, block_size=block_size, name=name, scale_method=scale_method, damping=damping,
+                    act_order=act_order,
+                )  # fmt: skip
+                results[name] = {projection: (p.cpu(), s.cpu()) for projection, (p, s) in quantized.items()}
+                if routed_counts is not None:
+                    routed_counts[name] = (routed, quantized[PROJECTIONS[0]][0].shape[0])
+            del records
         tuned = ""
         if float_layer is not None:
             float_outputs = run_layer(float_layer, float_inputs, device)
             del float_layer
-            if local and tune_norms:
+            if changes and tune_norms:
                 before, after = fit_norms(layer, inputs, float_outputs)
                 tuned = f", norms tuned: error vs float {before:.2e} -> {after:.2e}"
             float_inputs = [(out, kwargs) for out, (_, kwargs) in zip(float_outputs, float_inputs)]
