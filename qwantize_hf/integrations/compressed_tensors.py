@@ -20,21 +20,35 @@ own decompressor and transformers' loading path (tests/test_compressed_tensors.p
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qwantize_hf.config import FORMAT_VERSION, QUANT_METHOD, MXFP4Config
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.format import check_scale_method
+from qwantize_hf.integrations.checkpoint_folder import (
+    CONFIG_NAME,
+    E8M0,
+    U8,
+    WEIGHTS_NAME,
+    TensorHeader,
+    copy_side_files,
+    linear_like,
+    linear_module_names,
+    load_config,
+    prepare_out_dir,
+    read_headers,
+    read_json,
+    rewrite_weights,
+    weight_files,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +84,11 @@ _CT_FORMAT_NAMES = {
     "mxfp8-quantized": "MXFP8",
 }
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 OUR_CODES_SUFFIX = ".weight"
 CT_CODES_SUFFIX = ".weight_packed"
 SCALES_SUFFIX = ".weight_scale"
-# safetensors dtype names of the scale bytes: plain bytes, or the same bytes typed as E8M0.
-_U8 = "U8"
-_E8M0 = "F8_E8M0"
 # Tensors that only another scheme than MXFP4 W4A16 would hold.
 _FOREIGN_SUFFIXES = (".weight_global_scale", ".weight_zero_point", ".input_scale", ".input_global_scale")
-# Files of a checkpoint folder the converters write themselves instead of copying.
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-TensorHeader = tuple[str, tuple[int, ...]]  # safetensors dtype name, shape
-
-
 # ---------------------------------------------------------------------------
 # quantization_config: ours and compressed-tensors'
 
@@ -216,59 +218,15 @@ def _check_ct_mxfp4(qconfig: Mapping[str, Any] | None, where: str) -> None:
 # checkpoint folders
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    # indent 2 and sorted keys, as transformers and compressed-tensors write config.json.
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def _weight_files(src: Path) -> tuple[list[str], dict[str, Any] | None]:
-    """The safetensors files of a checkpoint folder, and its index (None when unsharded)."""
-    if (src / WEIGHTS_INDEX_NAME).is_file():
-        index = _read_json(src / WEIGHTS_INDEX_NAME)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{src / WEIGHTS_INDEX_NAME} has no 'weight_map' object; the checkpoint is corrupt")
-        for tensor, file in weight_map.items():
-            # Shard names are joined to the source and the output folder: a path, an absolute name or
-            # '..' would read or write outside them.
-            if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or "\\" in file:
-                raise ValueError(
-                    f"{src / WEIGHTS_INDEX_NAME} maps {tensor!r} to the file {file!r}, which is not a plain file "
-                    "name in the checkpoint folder; refusing to read or write outside it (the index is corrupt "
-                    "or hostile)"
-                )
-        return sorted(set(weight_map.values())), index
-    if (src / WEIGHTS_NAME).is_file():
-        return [WEIGHTS_NAME], None
-    raise FileNotFoundError(
-        f"{src} holds neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}; only safetensors checkpoints can be "
-        "converted (re-save the model with save_pretrained, which writes safetensors)"
-    )
-
-
-def _read_headers(src: Path, files: list[str]) -> dict[str, TensorHeader]:
-    """Dtype and shape of every tensor, from the safetensors headers only (no tensor data is read)."""
-    headers: dict[str, TensorHeader] = {}
-    for file in files:
-        with safe_open(src / file, framework="pt") as f:
-            for name in f.keys():
-                view = f.get_slice(name)
-                headers[name] = (view.get_dtype(), tuple(view.get_shape()))
-    return headers
 
 
 def _check_codes_and_scales(module: str, codes: TensorHeader | None, scales: TensorHeader, where: str) -> None:
     if codes is None:
         raise ValueError(f"{where}: {module}{SCALES_SUFFIX} has no packed codes beside it")
     (codes_dtype, codes_shape), (scales_dtype, scales_shape) = codes, scales
-    if codes_dtype != _U8 or scales_dtype not in (_U8, _E8M0) or len(codes_shape) != 2:
+    if codes_dtype != U8 or scales_dtype not in (U8, E8M0) or len(codes_shape) != 2:
         raise ValueError(
             f"{where}: module {module} has codes {codes_dtype} {list(codes_shape)} and scales "
             f"{scales_dtype} {list(scales_shape)}; MXFP4 needs uint8 [N, K/2] codes and uint8 (E8M0) scales"
@@ -297,39 +255,6 @@ def _quantized_modules(headers: Mapping[str, TensorHeader], codes_suffix: str, w
     return modules
 
 
-def _linear_like(module: torch.nn.Module) -> bool:
-    """An ``nn.Linear``, or a module that owns a 2-D weight and is not an embedding: a mixture-of-experts
-    router (transformers' ``*TopKRouter``, a Linear in vLLM) or a GPT-2 Conv1D."""
-    if isinstance(module, torch.nn.Linear):
-        return True
-    weight = module._parameters.get("weight")
-    return weight is not None and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
-
-
-def linear_module_names(config: Mapping[str, Any]) -> list[str]:
-    """Names of every Linear-like module (``_linear_like``) of the model a config.json describes, in
-    ``named_modules`` order.
-
-    The model is built on the meta device (no memory, no weights) from its
-    transformers class. compressed-tensors lists each Linear it left
-    unquantized in ``ignore``; vLLM expects packed weights for every other one
-    (a float MoE router it does not find in ``ignore`` is built as an MXFP4 Linear).
-    """
-    import transformers
-
-    architectures = config.get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        raise ValueError(
-            f"cannot build architecture {architectures[:1] or 'None'} from transformers to find its Linear layers "
-            "(custom code or no 'architectures' in config.json); pass the unquantized Linear module names "
-            "explicitly (ignore=[...] / --ignore)"
-        )
-    plain = {key: value for key, value in config.items() if key not in ("quantization_config", "compression_config")}
-    model_config = model_class.config_class.from_dict(plain)
-    with torch.device("meta"):
-        model = model_class(model_config)
-    return [name for name, module in model.named_modules() if _linear_like(module)]
 
 
 # per-expert projections (``...experts.<e>.gate_proj``): runtimes map them onto their fused experts by name
@@ -350,64 +275,18 @@ def _unquantized_linears(linears: list[str], quantized: Iterable[str], where: st
     return [name for name in linears if name not in quantized]
 
 
-def _prepare_out_dir(src: Path | None, out: Path, overwrite: bool) -> None:
-    if src is not None and out.resolve() == src.resolve():
-        raise ValueError(f"the output folder {out} is the input folder; write the converted checkpoint elsewhere")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it"
-            )
-        # Stale shards of an earlier conversion would sit beside the new index.
-        for path in out.iterdir():
-            if path.is_file() and (path.name.endswith(_WEIGHT_FILE_SUFFIXES) or path.name == WEIGHTS_INDEX_NAME):
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
-def _copy_side_files(src: Path, out: Path) -> None:
-    """Tokenizer, generation config, chat template, model card...: every top-level file but weights and config."""
-    for path in sorted(src.iterdir()):
-        if not path.is_file() or path.name in (CONFIG_NAME, WEIGHTS_INDEX_NAME) or path.name.startswith("."):
-            continue
-        if path.name.endswith(_WEIGHT_FILE_SUFFIXES):
-            continue
-        shutil.copy2(path, out / path.name)
 
-
-def _rewrite_weights(
-    src: Path,
-    out: Path,
-    files: list[str],
-    index: dict[str, Any] | None,
-    rename: Callable[[str], str],
-) -> None:
-    """Copy every shard with tensors renamed, one shard in memory at a time; scale bytes typed E8M0 become uint8."""
-    for file in files:
-        tensors = {}
-        with safe_open(src / file, framework="pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name.endswith(SCALES_SUFFIX) and tensor.dtype != torch.uint8:
-                    tensor = tensor.view(torch.uint8)
-                tensors[rename(name)] = tensor
-        save_file(tensors, out / file, metadata=metadata)
-    if index is not None:
-        renamed = dict(index)
-        renamed["weight_map"] = {rename(name): file for name, file in index["weight_map"].items()}
-        _write_json(out / WEIGHTS_INDEX_NAME, renamed)
+def _scale_bytes(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Scale bytes typed E8M0 become uint8 (the same bytes); every other tensor is carried as it is."""
+    return tensor.view(torch.uint8) if name.endswith(SCALES_SUFFIX) and tensor.dtype != torch.uint8 else tensor
 
 
 def _renamer(modules: Iterable[str], old_suffix: str, new_suffix: str) -> Callable[[str], str]:
     old_names = {module + old_suffix: module + new_suffix for module in modules}
     return lambda name: old_names.get(name, name)
 
-
-def _load_config(src: Path) -> dict[str, Any]:
-    if not (src / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{src} has no {CONFIG_NAME}; point at a saved model folder")
-    return _read_json(src / CONFIG_NAME)
 
 
 # ---------------------------------------------------------------------------
@@ -430,18 +309,18 @@ def to_compressed_tensors(
     Tokenizer, generation and other side files are copied. Returns ``out_dir``.
     """
     src, out = Path(src_dir), Path(out_dir)
-    config = _load_config(src)
+    config = load_config(src)
     _check_ours(config.get("quantization_config"), str(src))
-    files, index = _weight_files(src)
-    modules = _quantized_modules(_read_headers(src, files), OUR_CODES_SUFFIX, str(src))
+    files, index = weight_files(src)
+    modules = _quantized_modules(read_headers(src, files), OUR_CODES_SUFFIX, str(src))
     if ignore is None:
         ignore = _unquantized_linears(linear_module_names(config), modules, str(src))
-    _prepare_out_dir(src, out, overwrite)
-    _rewrite_weights(src, out, files, index, _renamer(modules, OUR_CODES_SUFFIX, CT_CODES_SUFFIX))
-    _copy_side_files(src, out)
+    prepare_out_dir(src, out, overwrite)
+    rewrite_weights(src, out, files, index, _renamer(modules, OUR_CODES_SUFFIX, CT_CODES_SUFFIX), _scale_bytes)
+    copy_side_files(src, out)
     config = dict(config)
     config["quantization_config"] = ct_mxfp4_quantization_config(ignore)
-    _write_json(out / CONFIG_NAME, config)
+    write_json(out / CONFIG_NAME, config)
     logger.info("wrote %d MXFP4 modules of %s as compressed-tensors %s to %s", len(modules), src, CT_MXFP4_FORMAT, out)
     return out
 
@@ -466,19 +345,19 @@ def model_to_compressed_tensors(
     qconfig = _as_dict(getattr(model.config, "quantization_config", None))
     _check_ours(qconfig, type(model).__name__)
     state = _state_dict_for_saving(model)
-    headers = {name: (_U8 if t.dtype == torch.uint8 else str(t.dtype), tuple(t.shape)) for name, t in state.items()}
+    headers = {name: (U8 if t.dtype == torch.uint8 else str(t.dtype), tuple(t.shape)) for name, t in state.items()}
     where = f"{type(model).__name__}.state_dict()"
     modules = _quantized_modules(headers, OUR_CODES_SUFFIX, where)
     if ignore is None:
-        linears = [name for name, module in model.named_modules() if _linear_like(module)]
+        linears = [name for name, module in model.named_modules() if linear_like(module)]
         ignore = _unquantized_linears(linears, modules, where)
-    _prepare_out_dir(None, out, overwrite)
+    prepare_out_dir(None, out, overwrite)
     rename = _renamer(modules, OUR_CODES_SUFFIX, CT_CODES_SUFFIX)
     save_file({rename(name): tensor for name, tensor in state.items()}, out / WEIGHTS_NAME, metadata={"format": "pt"})
     model.config.save_pretrained(out)
-    config = _read_json(out / CONFIG_NAME)
+    config = read_json(out / CONFIG_NAME)
     config["quantization_config"] = ct_mxfp4_quantization_config(ignore)
-    _write_json(out / CONFIG_NAME, config)
+    write_json(out / CONFIG_NAME, config)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(out)
@@ -530,26 +409,26 @@ def from_compressed_tensors(
     """
     check_scale_method(scale_method)
     src, out = Path(src_dir), Path(out_dir)
-    config = _load_config(src)
+    config = load_config(src)
     # Checkpoints from compressed-tensors before transformers adopted quantization_config used this key.
     qconfig = config.get("quantization_config") or config.get("compression_config")
     _check_ct_mxfp4(qconfig, str(src))
-    files, index = _weight_files(src)
-    modules = _quantized_modules(_read_headers(src, files), CT_CODES_SUFFIX, str(src))
+    files, index = weight_files(src)
+    modules = _quantized_modules(read_headers(src, files), CT_CODES_SUFFIX, str(src))
     try:
         not_converted = _unquantized_linears(linear_module_names(config), modules, str(src))
     except ValueError:
         # No transformers class to inspect: the checkpoint's own list of unquantized Linears.
         not_converted = [name for name in qconfig.get("ignore") or [] if not name.startswith("re:")]
         logger.warning("%s: using the checkpoint's ignore list %s as modules_to_not_convert", src, not_converted)
-    _prepare_out_dir(src, out, overwrite)
-    _rewrite_weights(src, out, files, index, _renamer(modules, CT_CODES_SUFFIX, OUR_CODES_SUFFIX))
-    _copy_side_files(src, out)
+    prepare_out_dir(src, out, overwrite)
+    rewrite_weights(src, out, files, index, _renamer(modules, CT_CODES_SUFFIX, OUR_CODES_SUFFIX), _scale_bytes)
+    copy_side_files(src, out)
     config = {key: value for key, value in config.items() if key != "compression_config"}
     # Exactly what save_pretrained of a qwantize_hf model records.
     config["quantization_config"] = MXFP4Config(
         block_size=CT_MXFP4_BLOCK_SIZE, scale_method=scale_method, modules_to_not_convert=not_converted
     ).to_dict()
-    _write_json(out / CONFIG_NAME, config)
+    write_json(out / CONFIG_NAME, config)
     logger.info("wrote %d compressed-tensors MXFP4 modules of %s as qwantize_hf to %s", len(modules), src, out)
     return out
