@@ -10,7 +10,8 @@ VENV_TF_OLDEST ?= .venv-tf517
 PLUGIN_TESTS := tests/test_config.py tests/test_plugin.py tests/test_registration.py tests/test_push_to_hub.py \
 	tests/test_calibrated_plugin.py tests/test_bench_generate.py tests/test_gptq_plugin.py tests/test_corrupt_checkpoints.py tests/test_lm_head.py \
 	tests/test_linear_grad.py tests/test_lora.py tests/test_coverage.py \
-	tests/test_conv1d.py tests/test_experts.py tests/test_expert_calibration.py
+	tests/test_conv1d.py tests/test_experts.py tests/test_expert_calibration.py \
+	tests/test_transformers_mxfp4.py
 
 .PHONY: test test-tf-oldest lint venv clean
 

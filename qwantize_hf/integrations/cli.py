@@ -2,8 +2,10 @@
 
     qwantize-convert to-compressed-tensors   OURS_DIR  OUT_DIR   # for vLLM
     qwantize-convert from-compressed-tensors CT_DIR    OUT_DIR   # an llm-compressor MXFP4 model
+    qwantize-convert from-transformers-mxfp4 SRC_DIR   OUT_DIR   # GPT-OSS as published (*_blocks, *_scales)
 
-Argument parsing only; the work is in ``qwantize_hf.integrations.compressed_tensors``.
+Argument parsing only; the work is in ``qwantize_hf.integrations.compressed_tensors`` and
+``qwantize_hf.integrations.transformers_mxfp4``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from qwantize_hf.methods import SCALE_METHODS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwantize-convert",
-        description="Convert MXFP4 checkpoints between qwantize_hf and compressed-tensors (the layout vLLM serves).",
+        description="Convert MXFP4 checkpoints between qwantize_hf and compressed-tensors (the layout vLLM serves), "
+        "and import transformers' own MXFP4 checkpoints (GPT-OSS).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -50,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
         "they are (default: even, compressed-tensors' own rule)",
     )
     from_ct.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+
+    from_tf = commands.add_parser(
+        "from-transformers-mxfp4",
+        help="transformers MXFP4 folder (quant_method 'mxfp4': GPT-OSS as published) -> qwantize_hf checkpoint folder",
+    )
+    from_tf.add_argument("src", help="checkpoint folder whose experts are stored as *_blocks and *_scales")
+    from_tf.add_argument("out", help="output folder")
+    from_tf.add_argument(
+        "--scale-method",
+        choices=list(SCALE_METHODS),
+        default="mse",
+        help="recorded in the config: how new weights would be quantized; the checkpoint's scales are kept as "
+        "they are",
+    )
+    from_tf.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     return parser
 
 
@@ -60,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Convert as the parsed ``args`` ask."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from qwantize_hf.integrations import compressed_tensors
+    from qwantize_hf.integrations import compressed_tensors, transformers_mxfp4
 
     try:
-        if args.command == "to-compressed-tensors":
+        if args.command == "from-transformers-mxfp4":
+            transformers_mxfp4.from_transformers_mxfp4(
+                args.src, args.out, scale_method=args.scale_method, overwrite=args.overwrite
+            )
+        elif args.command == "to-compressed-tensors":
             compressed_tensors.to_compressed_tensors(args.src, args.out, ignore=args.ignore, overwrite=args.overwrite)
         else:
             compressed_tensors.from_compressed_tensors(
