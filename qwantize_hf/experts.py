@@ -28,6 +28,7 @@ from torch import nn
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear_op import mxfp4_linear
 from qwantize_hf.ops import dequantize_mxfp4
+from qwantize_hf.routed_op import mxfp4_linear_routed
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 SCALE_SUFFIX = "_scale"
@@ -156,10 +157,13 @@ def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
     )
 
 
-# At most this many (token, expert) pairs (decode), each pair's expert codes are gathered and the products
-# run as one stacked mxfp4_linear call each: no host synchronisation, so torch.compile(fullgraph=True) and
-# CUDA graphs take the step. Above it (prefill), each routed expert runs once on all of its tokens.
-GATHER_PAIRS = 16
+# At most this many (token, expert) pairs (decode, and batches of a few dozen tokens at top-8), each product is
+# one mxfp4_linear_routed call over every pair, which reads each pair's expert where it lies: no host
+# synchronisation, so torch.compile(fullgraph=True) and CUDA graphs take the step. Above it (prefill), each
+# routed expert runs once on all of its tokens (a host sync, and two calls per expert). 256 pairs re-read at
+# most twice the layer's MXFP4 bytes on a 128-expert layer, where the loop pays a launch and a sync per
+# expert; eval/bench_moe.py times both paths at each size.
+GATHER_PAIRS = 256
 
 
 def experts_forward(
@@ -167,7 +171,7 @@ def experts_forward(
 ) -> torch.Tensor:
     """The experts implementation ``qwantize_mxfp4``: each routed expert's ``gate_up``, the module's gate and
     ``down``, each an ``mxfp4_linear`` on that expert's codes and scales, weighted by the router and summed
-    per token. A few pairs (decode) gather their experts' codes; more loop over the experts hit, in the
+    per token. A few pairs (decode) run as one routed call per product; more loop over the experts hit, in the
     order of transformers' eager loop."""
     if top_k_index.numel() <= GATHER_PAIRS:
         return _gathered(self, hidden_states, top_k_index, top_k_weights)
@@ -218,8 +222,17 @@ def _gathered(
     flat = top_k_index.reshape(-1)
     valid = flat < self.num_experts  # expert-parallel sentinels add nothing
     ids = flat.clamp(max=self.num_experts - 1)
-    state = hidden_states.repeat_interleave(top_k, dim=0)[:, None, :]  # [pairs, 1, H]
-    out = _expert(self, state, _tensors(self, ids))[:, 0, :]  # each pair's expert: codes [pairs, N, K/2]
+    state = hidden_states.repeat_interleave(top_k, dim=0)  # [pairs, H]: each pair's row, its expert's codes
+    biases = {p: getattr(self, p + "_bias", None) if getattr(self, "has_bias", False) else None for p in PROJECTIONS}
+    block_size = self.mxfp4_block_size
+    gate_up = mxfp4_linear_routed(
+        state, ids, self.gate_up_proj, self.gate_up_proj_scale, biases["gate_up_proj"], block_size
+    )
+    out = mxfp4_linear_routed(
+        gated(self, gate_up), ids, self.down_proj, self.down_proj_scale, biases["down_proj"], block_size
+    )
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
     weights = torch.where(valid, top_k_weights.reshape(-1), torch.zeros_like(top_k_weights.reshape(-1)))
     out = (out * weights[:, None]).to(hidden_states.dtype)
     return out.reshape(tokens, top_k, -1).sum(dim=1)

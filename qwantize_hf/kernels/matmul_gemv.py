@@ -115,6 +115,79 @@ def _gemv_math(acc, ops, ok, BLOCK_SIZE: tl.constexpr, X_BF16: tl.constexpr, PTX
 
 
 @triton.jit
+def gemv_accumulate(
+    x_row,
+    packed_ptr,
+    scales_ptr,
+    offs_n,
+    N,
+    words_k,
+    blocks_k,
+    pid_k,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PTX_MUL: tl.constexpr,
+    PTX_LOAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The float32 products ``[BLOCK_N, BLOCK_W // 4]`` of one row of x (``x_row``) with weight rows
+    ``offs_n`` of ``packed``/``scales`` over this program's split of K (``pid_k`` of ``SPLIT_K``): the
+    body of ``_mxfp4_gemv_kernel``, shared with the routed experts kernel (``matmul_routed``)."""
+    tl.static_assert(BLOCK_W % 4 == 0, "BLOCK_W must be whole groups of 4 words")
+    tl.static_assert(4 * CODES_PER_WORD % BLOCK_SIZE == 0, "a group of 4 words must hold whole scale blocks")
+    G: tl.constexpr = BLOCK_W // 4
+    BLOCKS_PER_GROUP: tl.constexpr = 4 * CODES_PER_WORD // BLOCK_SIZE
+    X_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N reload the last row, never stored
+
+    # This program's words, in whole BLOCK_W steps; only the last split can end in a partial step.
+    steps = tl.cdiv(words_k, BLOCK_W)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    w_begin = pid_k * steps_per_split * BLOCK_W
+    w_end = min(words_k, w_begin + steps_per_split * BLOCK_W)
+    w_full = w_begin + tl.maximum(w_end - w_begin, 0) // BLOCK_W * BLOCK_W
+
+    g4 = 4 * tl.arange(0, G)  # first word of each group in a step
+    w_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k + g4[None, :]
+    s_ptrs = scales_ptr + rows_n[:, None] * blocks_k + (g4 // 4 * BLOCKS_PER_GROUP)[None, :]
+    # x as int32 pairs of elements: word w's 8 elements are pairs 4w .. 4w + 3.
+    x_ptrs = x_row.to(tl.pointer_type(tl.int32)) + (4 * g4)[None, :]
+
+    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    if w_full > w_begin:
+        # Each step's loads are issued before the previous step's arithmetic, so a warp keeps
+        # a step of weight bytes in flight while it decodes.
+        ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w_begin, BLOCK_SIZE, PTX_LOAD)
+        if INTERPRET:
+            w0 = w_begin + BLOCK_W  # see matmul_tiled: no runtime range() bound in the interpreter
+            while w0 < w_full:
+                next_ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE, PTX_LOAD)
+                acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
+                ops = next_ops
+                w0 += BLOCK_W
+        else:
+            for w0 in range(w_begin + BLOCK_W, w_full, BLOCK_W):
+                next_ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE, PTX_LOAD)
+                acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
+                ops = next_ops
+        acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
+    if w_full < w_end:
+        # The partial last step: groups past w_end read the last group (a valid address)
+        # and add zeros.
+        first = w_full + g4
+        shift = tl.minimum(first, words_k - 4) - first  # <= 0; 0 for groups in range
+        ops = _gemv_load(
+            w_ptrs + shift[None, :], s_ptrs + (shift // 4 * BLOCKS_PER_GROUP)[None, :],
+            x_ptrs + (4 * shift)[None, :], w_full, BLOCK_SIZE, PTX_LOAD,
+        )  # fmt: skip
+        acc = _gemv_math(acc, ops, (first < w_end)[None, :], BLOCK_SIZE, X_BF16, PTX_MUL)
+
+    return acc
+
+
+@triton.jit
 def _mxfp4_gemv_kernel(
     x_ptr,
     packed_ptr,
@@ -151,60 +224,16 @@ def _mxfp4_gemv_kernel(
     K is a multiple of 32 and the launcher aligns x's rows to 16 bytes. Without it (the
     interpreter, ``QWANTIZE_HF_NO_INLINE_PTX``) plain loads read the same values, more slowly.
     """
-    tl.static_assert(BLOCK_W % 4 == 0, "BLOCK_W must be whole groups of 4 words")
-    tl.static_assert(4 * CODES_PER_WORD % BLOCK_SIZE == 0, "a group of 4 words must hold whole scale blocks")
-    G: tl.constexpr = BLOCK_W // 4
-    BLOCKS_PER_GROUP: tl.constexpr = 4 * CODES_PER_WORD // BLOCK_SIZE
-    X_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N reload the last row, never stored
-
-    # This program's words, in whole BLOCK_W steps; only the last split can end in a partial step.
-    steps = tl.cdiv(words_k, BLOCK_W)
-    steps_per_split = tl.cdiv(steps, SPLIT_K)
-    w_begin = pid_k * steps_per_split * BLOCK_W
-    w_end = min(words_k, w_begin + steps_per_split * BLOCK_W)
-    w_full = w_begin + tl.maximum(w_end - w_begin, 0) // BLOCK_W * BLOCK_W
-
-    g4 = 4 * tl.arange(0, G)  # first word of each group in a step
-    w_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k + g4[None, :]
-    s_ptrs = scales_ptr + rows_n[:, None] * blocks_k + (g4 // 4 * BLOCKS_PER_GROUP)[None, :]
-    # x as int32 pairs of elements: word w's 8 elements are pairs 4w .. 4w + 3.
-    x_row = (x_ptr + pid_m.to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int32))
-    x_ptrs = x_row + (4 * g4)[None, :]
-
-    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    if w_full > w_begin:
-        # Each step's loads are issued before the previous step's arithmetic, so a warp keeps
-        # a step of weight bytes in flight while it decodes.
-        ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w_begin, BLOCK_SIZE, PTX_LOAD)
-        if INTERPRET:
-            w0 = w_begin + BLOCK_W  # see matmul_tiled: no runtime range() bound in the interpreter
-            while w0 < w_full:
-                next_ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE, PTX_LOAD)
-                acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
-                ops = next_ops
-                w0 += BLOCK_W
-        else:
-            for w0 in range(w_begin + BLOCK_W, w_full, BLOCK_W):
-                next_ops = _gemv_load(w_ptrs, s_ptrs, x_ptrs, w0, BLOCK_SIZE, PTX_LOAD)
-                acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
-                ops = next_ops
-        acc = _gemv_math(acc, ops, True, BLOCK_SIZE, X_BF16, PTX_MUL)
-    if w_full < w_end:
-        # The partial last step: groups past w_end read the last group (a valid address)
-        # and add zeros.
-        first = w_full + g4
-        shift = tl.minimum(first, words_k - 4) - first  # <= 0; 0 for groups in range
-        ops = _gemv_load(
-            w_ptrs + shift[None, :], s_ptrs + (shift // 4 * BLOCKS_PER_GROUP)[None, :],
-            x_ptrs + (4 * shift)[None, :], w_full, BLOCK_SIZE, PTX_LOAD,
-        )  # fmt: skip
-        acc = _gemv_math(acc, ops, (first < w_end)[None, :], BLOCK_SIZE, X_BF16, PTX_MUL)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    acc = gemv_accumulate(
+        x_row, packed_ptr, scales_ptr, offs_n, N, words_k, blocks_k, pid_k,
+        BLOCK_SIZE, BLOCK_N, BLOCK_W, SPLIT_K, PTX_MUL, PTX_LOAD, INTERPRET,
+    )  # fmt: skip
 
     # A [BLOCK_N, 1] tile, indexed [n, m] like the tensor-core kernel's with the weight as A.
     offs_n64 = offs_n.to(tl.int64)[:, None]

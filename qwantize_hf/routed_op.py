@@ -1,0 +1,151 @@
+"""The routed custom op for mixture-of-experts decode: ``mxfp4_linear_routed``, each row of x times its
+own expert's MXFP4 weight, in one call that reads the routed experts' bytes where they lie.
+
+``qwantize_hf::mxfp4_linear_routed(x [P, K], experts [P], packed [E, N, K/2], scales [E, N, K/bs],
+bias [E, N] | None, block_size) -> [P, N]`` has, like ``mxfp4_linear``:
+
+- a fake implementation (``torch.compile(fullgraph=True)`` and CUDA graphs take it as one call);
+- a CUDA implementation: the routed CUDA-core kernel (``kernels.matmul_routed``) for bf16/fp16 x with
+  K a multiple of 32, else the torch twin;
+- a CPU implementation, the torch twin (``routed_reference``: each pair's expert dequantized and
+  ``F.linear``);
+- autograd for x and the bias (the codes and scales are frozen integers).
+
+Expert ids are not checked against E on the device (a host sync per call); the experts forward passes
+ids it clamped itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE
+from qwantize_hf.kernels.matmul_routed import routed_fits, routed_gemv, routed_reference
+from qwantize_hf.linear_op import check_mxfp4_linear_args, plain_eager_call
+from qwantize_hf.ops import dequantize_mxfp4
+
+
+def check_routed_args(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> None:
+    """Raise naming the bad argument: x ``[P, K]``, experts ``[P]`` integers, a stack of 3-D weights."""
+    if packed.ndim != 3:
+        raise ValueError(
+            f"mxfp4_linear_routed: packed must be a stack of expert weights [E, N, K/2], got {tuple(packed.shape)}"
+        )
+    if x.ndim != 2 or experts.ndim != 1 or experts.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"mxfp4_linear_routed: x must be [pairs, K] and experts [pairs], got {tuple(x.shape)} and "
+            f"{tuple(experts.shape)}"
+        )
+    if experts.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"mxfp4_linear_routed: experts must be int32 or int64 expert ids, got {experts.dtype}")
+    # one expert's weight, for the shared checks of x, codes, scales and bias
+    check_mxfp4_linear_args(x, packed[0], scales[0], None if bias is None else bias[0], block_size)
+    if tuple(scales.shape[:1]) != tuple(packed.shape[:1]) or (bias is not None and bias.shape[0] != packed.shape[0]):
+        raise ValueError(
+            f"mxfp4_linear_routed: packed {tuple(packed.shape)}, scales {tuple(scales.shape)} and bias "
+            f"{None if bias is None else tuple(bias.shape)} must hold the same number of experts"
+        )
+
+
+def _routed_default(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    check_routed_args(x, experts, packed, scales, bias, block_size)
+    return routed_reference(x, experts, packed, scales, bias, block_size)
+
+
+@torch.library.custom_op("qwantize_hf::mxfp4_linear_routed", mutates_args=())
+def _routed_op(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    return _routed_default(x, experts, packed, scales, bias, block_size)
+
+
+@_routed_op.register_kernel("cuda")
+def _routed_cuda(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    check_routed_args(x, experts, packed, scales, bias, block_size)
+    if not routed_fits(x):
+        return routed_reference(x, experts, packed, scales, bias, block_size)
+    return routed_gemv(x, experts, packed, scales, bias, block_size)
+
+
+@_routed_op.register_fake
+def _routed_fake(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    check_routed_args(x, experts, packed, scales, bias, block_size)
+    return x.new_empty(x.shape[0], packed.shape[1])
+
+
+def _setup_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, experts, packed, scales, bias, block_size = inputs
+    ctx.save_for_backward(experts, packed, scales)
+    ctx.block_size = block_size
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """``grad[p] @ W[experts[p]]`` for x (the routed experts dequantized in the gradient's dtype), and the
+    bias's gradient summed per expert."""
+    experts, packed, scales = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weights = dequantize_mxfp4(packed[experts], scales[experts], block_size=ctx.block_size, dtype=grad.dtype)
+        grad_x = torch.bmm(grad[:, None, :], weights)[:, 0, :]
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad.new_zeros(ctx.bias_shape).index_add_(0, experts, grad)
+    return grad_x, None, None, None, grad_bias, None
+
+
+_routed_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
+def mxfp4_linear_routed(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> torch.Tensor:
+    """``out[p] = x[p] @ W[experts[p]].T + bias[experts[p]]`` for a stack of MXFP4 expert weights
+    ``packed [E, N, K/2]``, ``scales [E, N, K/block_size]`` (``bias [E, N]``): ``x [P, K]`` -> ``[P, N]``.
+    On CUDA with bf16/fp16 x, one launch of the routed kernel; elsewhere each pair's expert dequantized
+    and ``F.linear``."""
+    if plain_eager_call(x, packed, scales, bias):
+        # the op's own implementation without the dispatcher's host time, as mxfp4_linear does
+        impl = _routed_cuda if x.device.type == "cuda" else _routed_default
+        return impl(x, experts, packed, scales, bias, block_size)
+    return torch.ops.qwantize_hf.mxfp4_linear_routed(x, experts, packed, scales, bias, block_size)
+
+
+__all__ = ["check_routed_args", "mxfp4_linear_routed"]
