@@ -116,7 +116,9 @@ def _gemv_math(acc, ops, ok, BLOCK_SIZE: tl.constexpr, X_BF16: tl.constexpr, PTX
 
 @triton.jit
 def gemv_accumulate(
-    x_row,
+    x_ptr,
+    row,
+    stride_xm,
     packed_ptr,
     scales_ptr,
     offs_n,
@@ -132,14 +134,14 @@ def gemv_accumulate(
     PTX_LOAD: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """The float32 products ``[BLOCK_N, BLOCK_W // 4]`` of one row of x (``x_row``) with weight rows
+    """The float32 products ``[BLOCK_N, BLOCK_W // 4]`` of row ``row`` of x with weight rows
     ``offs_n`` of ``packed``/``scales`` over this program's split of K (``pid_k`` of ``SPLIT_K``): the
     body of ``_mxfp4_gemv_kernel``, shared with the routed experts kernel (``matmul_routed``)."""
     tl.static_assert(BLOCK_W % 4 == 0, "BLOCK_W must be whole groups of 4 words")
     tl.static_assert(4 * CODES_PER_WORD % BLOCK_SIZE == 0, "a group of 4 words must hold whole scale blocks")
     G: tl.constexpr = BLOCK_W // 4
     BLOCKS_PER_GROUP: tl.constexpr = 4 * CODES_PER_WORD // BLOCK_SIZE
-    X_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
+    X_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N reload the last row, never stored
 
     # This program's words, in whole BLOCK_W steps; only the last split can end in a partial step.
@@ -153,7 +155,8 @@ def gemv_accumulate(
     w_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * words_k + g4[None, :]
     s_ptrs = scales_ptr + rows_n[:, None] * blocks_k + (g4 // 4 * BLOCKS_PER_GROUP)[None, :]
     # x as int32 pairs of elements: word w's 8 elements are pairs 4w .. 4w + 3.
-    x_ptrs = x_row.to(tl.pointer_type(tl.int32)) + (4 * g4)[None, :]
+    x_row = (x_ptr + row.to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int32))
+    x_ptrs = x_row + (4 * g4)[None, :]
 
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     if w_full > w_begin:
@@ -229,9 +232,8 @@ def _mxfp4_gemv_kernel(
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     acc = gemv_accumulate(
-        x_row, packed_ptr, scales_ptr, offs_n, N, words_k, blocks_k, pid_k,
+        x_ptr, pid_m, stride_xm, packed_ptr, scales_ptr, offs_n, N, words_k, blocks_k, pid_k,
         BLOCK_SIZE, BLOCK_N, BLOCK_W, SPLIT_K, PTX_MUL, PTX_LOAD, INTERPRET,
     )  # fmt: skip
 

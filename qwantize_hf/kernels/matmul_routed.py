@@ -58,7 +58,7 @@ def _mxfp4_routed_gemv_kernel(
     packed = packed_ptr + expert * N * words_k * 4
     scales = scales_ptr + expert * N * blocks_k
     acc = gemv_accumulate(
-        x_ptr + pair * stride_xm, packed, scales, offs_n, N, words_k, blocks_k, 0,
+        x_ptr, pair, stride_xm, packed, scales, offs_n, N, words_k, blocks_k, 0,
         BLOCK_SIZE, BLOCK_N, BLOCK_W, 1, PTX_MUL, PTX_LOAD, INTERPRET,
     )  # fmt: skip
     out = tl.sum(acc, 1)
