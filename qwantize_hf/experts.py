@@ -5,7 +5,8 @@ In transformers 5 the experts of Qwen2/3-MoE, Mixtral, OLMoE, ... are one module
 an experts implementation that ``config._experts_implementation`` names. Quantized, the same module
 holds ``gate_up_proj`` uint8 ``[E, 2I, H/2]`` + ``gate_up_proj_scale`` uint8 ``[E, 2I, H/32]`` and the
 same for ``down_proj`` (blocks along each expert's reduction dimension), and the implementation
-``qwantize_mxfp4`` (``experts_forward``) runs each routed expert's products through ``mxfp4_linear``.
+``qwantize_mxfp4`` (``experts_forward``) runs each routed expert's products: a few (token, expert) pairs as
+one ``mxfp4_linear_routed`` call per product, more as ``mxfp4_linear`` calls per expert hit.
 
 Checkpoints: transformers saves fused experts per expert (``experts.<e>.gate_proj.weight``, ...) by
 reversing its load-time conversions; the codes follow the weights, and ``record_scale_conversions``
@@ -28,7 +29,7 @@ from torch import nn
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear_op import mxfp4_linear
 from qwantize_hf.ops import dequantize_mxfp4
-from qwantize_hf.routed_op import mxfp4_linear_routed
+from qwantize_hf.routed_op import mxfp4_linear_routed, routed_fits
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 SCALE_SUFFIX = "_scale"
@@ -75,21 +76,32 @@ def product_shape(module: nn.Module, projection: str) -> tuple[int, int, int]:
     return (experts, columns, rows) if getattr(module, "is_transposed", False) else (experts, rows, columns)
 
 
-def expert_weight(module: nn.Module, projection: str, expert: int | None = None) -> torch.Tensor:
+def expert_weight(
+    module: nn.Module, projection: str, expert: int | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The float weight of a projection as ``[E, N, K]`` (or expert ``expert``'s ``[N, K]``): a view, transposed
-    for GPT-OSS's ``[E, K, N]``, so writing into it writes the module's weight."""
-    weight = _weight(module, projection)
+    for GPT-OSS's ``[E, K, N]``, so writing into it writes the module's weight. ``tensors``: the module's float
+    tensors by name when they are not on it (accelerate offload)."""
+    weight = _weight(module, projection) if tensors is None else tensors[projection]
     if getattr(module, "is_transposed", False):
         weight = weight.transpose(-1, -2)
     return weight if expert is None else weight[expert]
 
 
 def float_product(
-    module: nn.Module, projection: str, expert: int, x: torch.Tensor, weight: torch.Tensor | None = None
+    module: nn.Module,
+    projection: str,
+    expert: int,
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + b`` of a float experts module's expert ``expert`` (``weight``: its ``[N, K]`` when at hand)."""
-    weight = expert_weight(module, projection, expert) if weight is None else weight
-    bias = getattr(module, projection + "_bias", None) if getattr(module, "has_bias", False) else None
+    """``x @ W.T + b`` of a float experts module's expert ``expert`` (``weight``: its ``[N, K]`` when at hand;
+    ``tensors`` as for ``expert_weight``)."""
+    weight = expert_weight(module, projection, expert, tensors) if weight is None else weight
+    bias = None
+    if getattr(module, "has_bias", False):
+        bias = getattr(module, projection + "_bias", None) if tensors is None else tensors.get(projection + "_bias")
     return torch.nn.functional.linear(x, weight, None if bias is None else bias[expert])
 
 
@@ -157,13 +169,24 @@ def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
     )
 
 
-# At most this many (token, expert) pairs (decode, and batches of a few dozen tokens at top-8), each product is
-# one mxfp4_linear_routed call over every pair, which reads each pair's expert where it lies: no host
-# synchronisation, so torch.compile(fullgraph=True) and CUDA graphs take the step. Above it (prefill), each
-# routed expert runs once on all of its tokens (a host sync, and two calls per expert). 256 pairs re-read at
-# most twice the layer's MXFP4 bytes on a 128-expert layer, where the loop pays a launch and a sync per
-# expert; eval/bench_moe.py times both paths at each size.
+# Up to this many (token, expert) pairs (decode, and batches of a few dozen tokens at top-8), and at most
+# GATHER_PAIRS_PER_EXPERT a routed expert on average, each product is one mxfp4_linear_routed call over every
+# pair, which reads each pair's expert where it lies: no host synchronisation, so torch.compile(fullgraph=True)
+# and CUDA graphs take the step. The cap per expert bounds how often one expert's bytes are re-read (a layer of
+# few experts, such as Mixtral's 8, reaches it at a few tokens). Above it (prefill), each routed expert runs
+# once on all of its tokens (a host sync, and two calls per expert). Where the routed kernel does not run (CPU,
+# float32 activations), its torch twin dequantizes one expert per pair, so TWIN_GATHER_PAIRS bounds it.
+# eval/bench_moe.py times both paths at each size.
 GATHER_PAIRS = 256
+GATHER_PAIRS_PER_EXPERT = 2
+TWIN_GATHER_PAIRS = 16
+
+
+def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int:
+    """How many (token, expert) pairs ``experts_forward`` runs as routed calls for this module and input."""
+    if hidden_states.is_cuda and routed_fits(hidden_states):
+        return min(GATHER_PAIRS, GATHER_PAIRS_PER_EXPERT * module.num_experts)
+    return TWIN_GATHER_PAIRS
 
 
 def experts_forward(
@@ -173,7 +196,7 @@ def experts_forward(
     ``down``, each an ``mxfp4_linear`` on that expert's codes and scales, weighted by the router and summed
     per token. A few pairs (decode) run as one routed call per product; more loop over the experts hit, in the
     order of transformers' eager loop."""
-    if top_k_index.numel() <= GATHER_PAIRS:
+    if top_k_index.numel() <= gather_pairs(self, hidden_states):
         return _gathered(self, hidden_states, top_k_index, top_k_weights)
     return _looped(self, hidden_states, top_k_index, top_k_weights)
 
@@ -334,6 +357,9 @@ __all__ = [
     "gated",
     "install",
     "GATHER_PAIRS",
+    "GATHER_PAIRS_PER_EXPERT",
+    "TWIN_GATHER_PAIRS",
+    "gather_pairs",
     "experts_forward",
     "product_shape",
     "guard_implementation",

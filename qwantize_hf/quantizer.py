@@ -85,7 +85,8 @@ class MXFP4HfQuantizer(HfQuantizer):
             )
         devices = set(device_map.values()) if isinstance(device_map, dict) else set()
         # A calibrated load reads float weights, so disk-offloaded ones are the checkpoint's own;
-        # their quantized bytes are kept in memory afterwards (replace.quantize_linears_with_weights).
+        # their quantized bytes are kept in memory afterwards (replace.quantize_linears_with_weights,
+        # expert_calibration.install_quantized).
         if "disk" in devices and not self.pre_quantized and not self.calibrates:
             # transformers re-reads a disk-offloaded weight from the original
             # checkpoint, so the quantized bytes would be replaced by bf16 ones.
@@ -176,8 +177,9 @@ class MXFP4HfQuantizer(HfQuantizer):
     # 3. while weights load -----------------------------------------------------------
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
-        """The float weight of an MXFP4Linear or of MXFP4 experts that waits for one (experts quantize as they
-        load even when the Linears are calibrated later); stored bytes load as they are."""
+        """The float weight of an MXFP4Linear or of MXFP4 experts that waits for one (a calibrated load's
+        experts and Linears load float, and are quantized after the calibration text); stored bytes load as
+        they are."""
         if self.pre_quantized:
             return False
         module_name, _, tensor_name = param_name.rpartition(".")
@@ -326,7 +328,7 @@ class MXFP4HfQuantizer(HfQuantizer):
             with expert_calibration.routed_inputs(
                 model, self._experts_names, expert_calibration.RoutedMeanSquares
             ) as statistics:
-                if names:
+                if names or not self._experts_names:  # (no Linear and no experts: it raises, naming why)
                     stats = calibration.collect_activation_stats(model, sequences, names, progress=progress)
                 else:  # only experts to calibrate
                     stats = {}
@@ -337,14 +339,15 @@ class MXFP4HfQuantizer(HfQuantizer):
                 result, count = expert_calibration.quantize_routed_rtn(
                     module, statistics[name], block_size=config.block_size, name=name
                 )
-                experts.install(module, result, block_size=config.block_size)
+                expert_calibration.install_quantized(module, result, block_size=config.block_size)
                 routed[name] = (count, result[experts.PROJECTIONS[0]][0].shape[0])
         if self._experts_names:
             self._use_mxfp4_experts(model)
             with_tokens, total = (sum(counts) for counts in zip(*routed.values()))
             record.update(expert_calibration.experts_record(with_tokens, total))
-            logger.info("%s: %d of %d experts received calibration tokens (the others: data-free mse scales)",
-                        config.algorithm, with_tokens, total)  # fmt: skip
+            fallback = "data-free mse scales" if config.algorithm == "rtn" else f"{config.scale_method} without GPTQ"
+            logger.info("%s: %d of %d experts received calibration tokens (the others: %s)",
+                        config.algorithm, with_tokens, total, fallback)  # fmt: skip
         # From here on the config describes the calibration; it no longer holds the tokenizer or texts.
         config.calibration = record
         tokens, dataset = record["calibration_tokens"], record["dataset"]

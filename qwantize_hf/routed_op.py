@@ -18,11 +18,37 @@ ids it clamped itself.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from qwantize_hf.constants import DEFAULT_BLOCK_SIZE
-from qwantize_hf.kernels.matmul_routed import routed_fits, routed_gemv, routed_reference
+from qwantize_hf.constants import DEFAULT_BLOCK_SIZE, F4_CODES_PER_BYTE
 from qwantize_hf.linear_op import check_mxfp4_linear_args, plain_eager_call
 from qwantize_hf.ops import dequantize_mxfp4
+
+# K a multiple of this for the routed kernel (its CUDA-core body reads K in groups of 32 codes)
+_KERNEL_K_MULTIPLE = 32
+
+
+def routed_fits(x: torch.Tensor) -> bool:
+    """Whether the routed kernel takes this x (bf16 or fp16, K a multiple of 32); else the torch twin runs."""
+    return x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % _KERNEL_K_MULTIPLE == 0
+
+
+def routed_reference(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """The torch twin: each pair's expert dequantized in x's dtype and ``F.linear`` on its row (the expert
+    picked by indexing with the id tensor: no host synchronisation)."""
+    rows = []
+    for pair in range(x.shape[0]):
+        expert = experts[pair]
+        weight = dequantize_mxfp4(packed[expert], scales[expert], block_size=block_size, dtype=x.dtype)
+        rows.append(F.linear(x[pair : pair + 1], weight, None if bias is None else bias[expert].to(x.dtype)))
+    return torch.cat(rows) if rows else x.new_empty(0, packed.shape[1])
 
 
 def check_routed_args(
@@ -34,7 +60,7 @@ def check_routed_args(
     block_size: int,
 ) -> None:
     """Raise naming the bad argument: x ``[P, K]``, experts ``[P]`` integers, a stack of 3-D weights."""
-    if packed.ndim != 3:
+    if packed.ndim != 3 or packed.shape[0] == 0:
         raise ValueError(
             f"mxfp4_linear_routed: packed must be a stack of expert weights [E, N, K/2], got {tuple(packed.shape)}"
         )
@@ -45,8 +71,14 @@ def check_routed_args(
         )
     if experts.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"mxfp4_linear_routed: experts must be int32 or int64 expert ids, got {experts.dtype}")
-    # one expert's weight, for the shared checks of x, codes, scales and bias
-    check_mxfp4_linear_args(x, packed[0], scales[0], None if bias is None else bias[0], block_size)
+    if experts.device != x.device:
+        raise ValueError(
+            f"mxfp4_linear_routed: x is on {x.device} but experts is on {experts.device}; move both to one"
+        )
+    try:  # one expert's weight, for the shared checks of x, codes, scales and bias
+        check_mxfp4_linear_args(x, packed[0], scales[0], None if bias is None else bias[0], block_size)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("mxfp4_linear:", "mxfp4_linear_routed (one expert's weight):")) from None
     if tuple(scales.shape[:1]) != tuple(packed.shape[:1]) or (bias is not None and bias.shape[0] != packed.shape[0]):
         raise ValueError(
             f"mxfp4_linear_routed: packed {tuple(packed.shape)}, scales {tuple(scales.shape)} and bias "
@@ -90,6 +122,8 @@ def _routed_cuda(
     check_routed_args(x, experts, packed, scales, bias, block_size)
     if not routed_fits(x):
         return routed_reference(x, experts, packed, scales, bias, block_size)
+    from qwantize_hf.kernels.matmul_routed import routed_gemv  # Triton: imported where a GPU kernel runs
+
     return routed_gemv(x, experts, packed, scales, bias, block_size)
 
 
@@ -110,19 +144,25 @@ def _setup_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
     x, experts, packed, scales, bias, block_size = inputs
     ctx.save_for_backward(experts, packed, scales)
     ctx.block_size = block_size
-    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.bias = None if bias is None else (bias.shape, bias.dtype)
 
 
 def _backward(ctx, grad: torch.Tensor):
-    """``grad[p] @ W[experts[p]]`` for x (the routed experts dequantized in the gradient's dtype), and the
-    bias's gradient summed per expert."""
+    """``grad[p] @ W[experts[p]]`` for x (each pair's expert dequantized in the gradient's dtype in turn, so
+    one expert's weight at a time is held), and the bias's gradient summed per expert in float32."""
     experts, packed, scales = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weights = dequantize_mxfp4(packed[experts], scales[experts], block_size=ctx.block_size, dtype=grad.dtype)
-        grad_x = torch.bmm(grad[:, None, :], weights)[:, 0, :]
+        rows = []
+        for pair in range(grad.shape[0]):
+            expert = experts[pair]
+            weight = dequantize_mxfp4(packed[expert], scales[expert], block_size=ctx.block_size, dtype=grad.dtype)
+            rows.append(grad[pair : pair + 1] @ weight)
+        grad_x = torch.cat(rows) if rows else grad.new_empty(0, packed.shape[-1] * F4_CODES_PER_BYTE)
     if ctx.needs_input_grad[4]:
-        grad_bias = grad.new_zeros(ctx.bias_shape).index_add_(0, experts, grad)
+        shape, dtype = ctx.bias
+        summed = torch.zeros(shape, dtype=torch.float32, device=grad.device).index_add_(0, experts, grad.float())
+        grad_bias = summed.to(dtype)
     return grad_x, None, None, None, grad_bias, None
 
 
@@ -148,4 +188,4 @@ def mxfp4_linear_routed(
     return torch.ops.qwantize_hf.mxfp4_linear_routed(x, experts, packed, scales, bias, block_size)
 
 
-__all__ = ["check_routed_args", "mxfp4_linear_routed"]
+__all__ = ["check_routed_args", "mxfp4_linear_routed", "routed_fits", "routed_reference"]

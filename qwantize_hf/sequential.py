@@ -266,8 +266,8 @@ def gptq_sequential(
     outside = [name for name in names + fused if not name.startswith(prefix) and name != head_name]
     if outside:
         raise ValueError(
-            f"{len(outside)} Linear(s) to quantize sit outside the decoder layers ({layers_name}), first "
-            f"{outside[0]!r}; GPTQ quantizes only decoder-layer Linears and the output head: add them to "
+            f"{len(outside)} module(s) to quantize sit outside the decoder layers ({layers_name}), first "
+            f"{outside[0]!r}; GPTQ quantizes only decoder-layer Linears and experts and the output head: add them to "
             "modules_to_not_convert"
         )
     if input_device is None:

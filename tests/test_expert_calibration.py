@@ -180,3 +180,25 @@ def test_a_gptq_load_quantizes_the_experts_and_records_how_many_had_tokens(check
     ids = input_ids().to(DEVICE)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_offloaded_experts_calibrate_to_the_same_bytes(checkpoints, tmp_path):
+    """A layer on disk (accelerate's hooks hold its float experts in a weights map, the module meta tensors):
+    its experts are calibrated from there, their bytes kept in the map, and all equals the load on one device."""
+    config = MXFP4Config(scale_method="mse", calibration=request())
+    on_one_device = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3_moe"], quantization_config=config)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        checkpoints["qwen3_moe"], quantization_config=MXFP4Config(scale_method="mse", calibration=request()),
+        device_map=device_map, offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    experts = offloaded.model.layers[1].mlp.experts
+    assert is_mxfp4_experts(experts) and experts.gate_up_proj.device.type == "meta"
+    assert experts.gate_up_proj.dtype == torch.uint8
+    with torch.no_grad():
+        assert torch.equal(offloaded(input_ids()).logits, on_one_device(input_ids()).logits)
+    offloaded.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    for key, value in on_one_device.state_dict().items():
+        assert torch.equal(reloaded[key], value), key

@@ -180,18 +180,31 @@ def routed(module, tokens: int, seed: int = 0):
     return hidden, index, weights
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_decode_sized_routing_gathers_the_experts_and_matches_the_expert_loop(checkpoints, tokens):
-    from qwantize_hf.experts import GATHER_PAIRS, _gathered, _looped, experts_forward
+@pytest.fixture(scope="module")
+def loaded_experts(checkpoints):
+    """Each family's first MXFP4 experts module (loaded once)."""
+    return {
+        family: next(iter(experts_modules(load(checkpoints[family], calibration=None)).values()))
+        for family in FAMILIES
+    }
 
-    module = load(checkpoints["qwen3_moe"], calibration=None).model.layers[0].mlp.experts
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tokens", [1, 3, 8, 40])
+def test_the_routed_calls_and_the_expert_loop_agree_and_each_runs_where_it_should(loaded_experts, family, tokens):
+    from qwantize_hf.experts import _gathered, _looped, experts_forward, gather_pairs
+
+    module = loaded_experts[family]
     hidden, index, weights = routed(module, tokens)
-    assert index.numel() <= GATHER_PAIRS
     with torch.no_grad():
-        gathered = experts_forward(module, hidden, index, weights)
-        torch.testing.assert_close(gathered, _gathered(module, hidden, index, weights), atol=0, rtol=0)
+        auto = experts_forward(module, hidden, index, weights)
+        gathered, looped = _gathered(module, hidden, index, weights), _looped(module, hidden, index, weights)
+        # the path the pair count picks, exactly
+        expected = gathered if index.numel() <= gather_pairs(module, hidden) else looped
+        torch.testing.assert_close(auto, expected, atol=0, rtol=0)
         # one row at a time vs each expert's rows together: the same products, rounded alike up to bf16
-        torch.testing.assert_close(gathered, _looped(module, hidden, index, weights), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(gathered, looped, atol=1e-2, rtol=1e-2)
+    assert gather_pairs(module, hidden) <= 2 * module.num_experts or not hidden.is_cuda
 
 
 def test_the_decode_path_compiles_as_one_graph(checkpoints):

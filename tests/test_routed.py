@@ -18,8 +18,8 @@ import torch
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.kernels.matmul_gemv import gemv_config
-from qwantize_hf.kernels.matmul_routed import routed_config, routed_gemv, routed_reference
-from qwantize_hf.routed_op import mxfp4_linear_routed
+from qwantize_hf.kernels.matmul_routed import routed_config, routed_gemv
+from qwantize_hf.routed_op import mxfp4_linear_routed, routed_reference
 from tests.conftest import KERNEL_DEVICE
 
 HAS_CUDA = torch.cuda.is_available()
@@ -139,7 +139,6 @@ def test_gpu_cuda_graph_and_compile_take_the_op():
     assert torch.equal(captured, mxfp4_linear_routed(x, ids, packed, scales, bias))
 
 
-
 # Compiled in a process of its own: under TRITON_INTERPRET (set for the CPU tests) kernels are not compiled.
 _COMPILE_FOR_HOPPER = """
 import json, sys
@@ -155,7 +154,9 @@ signature = {"x_ptr": "*" + dtype, "experts_ptr": "*i64", "packed_ptr": "*u8", "
              "bias_ptr": "*" + dtype, "out_ptr": "*" + dtype, "N": "i32", "words_k": "i32", "blocks_k": "i32",
              "stride_xm": "i32", "stride_om": "i32", **dict.fromkeys(constants, "constexpr")}
 source = ASTSource(fn=_mxfp4_routed_gemv_kernel, signature=signature, constexprs=constants)
-asm = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm
+config = routed_config(k)
+options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+asm = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
 print(json.dumps({"cubin": len(asm["cubin"]), "vector_loads": asm["ptx"].count("ld.global.nc.v4")}))
 """
 

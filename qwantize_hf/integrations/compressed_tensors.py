@@ -218,10 +218,6 @@ def _check_ct_mxfp4(qconfig: Mapping[str, Any] | None, where: str) -> None:
 # checkpoint folders
 
 
-
-
-
-
 def _check_codes_and_scales(module: str, codes: TensorHeader | None, scales: TensorHeader, where: str) -> None:
     if codes is None:
         raise ValueError(f"{where}: {module}{SCALES_SUFFIX} has no packed codes beside it")
@@ -255,8 +251,6 @@ def _quantized_modules(headers: Mapping[str, TensorHeader], codes_suffix: str, w
     return modules
 
 
-
-
 # per-expert projections (``...experts.<e>.gate_proj``): runtimes map them onto their fused experts by name
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
@@ -275,9 +269,6 @@ def _unquantized_linears(linears: list[str], quantized: Iterable[str], where: st
     return [name for name in linears if name not in quantized]
 
 
-
-
-
 def _scale_bytes(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """Scale bytes typed E8M0 become uint8 (the same bytes); every other tensor is carried as it is."""
     return tensor.view(torch.uint8) if name.endswith(SCALES_SUFFIX) and tensor.dtype != torch.uint8 else tensor
@@ -286,7 +277,6 @@ def _scale_bytes(name: str, tensor: torch.Tensor) -> torch.Tensor:
 def _renamer(modules: Iterable[str], old_suffix: str, new_suffix: str) -> Callable[[str], str]:
     old_names = {module + old_suffix: module + new_suffix for module in modules}
     return lambda name: old_names.get(name, name)
-
 
 
 # ---------------------------------------------------------------------------

@@ -3,26 +3,19 @@
 ``out[p] = x[p] @ dequant(packed[experts[p]], scales[experts[p]]).T (+ bias[experts[p]])`` for a few
 (token, expert) pairs ``p``, in one launch that reads only the routed experts' bytes where they lie
 (no gathered copy of them): grid axis 1 is the pair, and each program runs the CUDA-core kernel's
-body (``matmul_gemv.gemv_accumulate``) on its expert's rows. Its torch twin is ``routed_reference``:
-each pair's expert dequantized and ``F.linear``. Which kernel runs a call is ``linear_op``'s choice.
+body (``matmul_gemv.gemv_accumulate``) on its expert's rows. Its torch twin is ``routed_op.routed_reference``:
+each pair's expert dequantized and ``F.linear``. Which path runs a call is ``routed_op``'s choice.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from qwantize_hf.backend import interpreting
 from qwantize_hf.kernels.matmul_dispatch import x_with_aligned_rows
-from qwantize_hf.kernels.matmul_gemv import (
-    GEMV_K_MULTIPLE,
-    gemv_accumulate,
-    gemv_config,
-    gemv_launch,
-)
-from qwantize_hf.ops import dequantize_mxfp4
+from qwantize_hf.kernels.matmul_gemv import gemv_accumulate, gemv_config, gemv_launch
 
 
 @triton.jit
@@ -73,11 +66,6 @@ def routed_config(k: int) -> triton.Config:
     return gemv_config(8, 128, 1, 4, 1) if k >= 2048 else gemv_config(8, 64, 1, 2, 1)
 
 
-def routed_fits(x: torch.Tensor) -> bool:
-    """Whether the routed kernel takes this x (bf16 or fp16, K a multiple of 32)."""
-    return x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % GEMV_K_MULTIPLE == 0
-
-
 def routed_gemv(
     x: torch.Tensor,
     experts: torch.Tensor,
@@ -96,32 +84,22 @@ def routed_gemv(
     if pairs == 0 or n == 0:
         return out
     config = config or routed_config(k)
-    x = x_with_aligned_rows(x)
-    packed, scales = packed.contiguous(), scales.contiguous()
+    x = x_with_aligned_rows(x.contiguous())
+    packed, scales, experts = packed.contiguous(), scales.contiguous(), experts.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     _, (tiles_n, _, _), ptx = gemv_launch(config, 1, n, x.device)
-    _mxfp4_routed_gemv_kernel[(tiles_n, pairs)](
-        x, experts.contiguous(), packed, scales, bias if bias is not None else out, out,
-        n, k // 8, k // block_size, x.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_SIZE=block_size, INTERPRET=interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs, **ptx,
-    )  # fmt: skip
+    for first in range(0, pairs, MAX_PAIRS_PER_LAUNCH):  # grid axis 1 holds at most 65535 programs
+        last = min(pairs, first + MAX_PAIRS_PER_LAUNCH)
+        _mxfp4_routed_gemv_kernel[(tiles_n, last - first)](
+            x[first:last], experts[first:last], packed, scales, bias if bias is not None else out, out[first:last],
+            n, k // 8, k // block_size, x.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_SIZE=block_size, INTERPRET=interpreting(),
+            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs, **ptx,
+        )  # fmt: skip
     return out
 
 
-def routed_reference(
-    x: torch.Tensor,
-    experts: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    block_size: int,
-) -> torch.Tensor:
-    """The torch twin: each pair's expert dequantized in x's dtype and ``F.linear`` on its row."""
-    rows = []
-    for pair, expert in enumerate(experts.tolist()):
-        weight = dequantize_mxfp4(packed[expert], scales[expert], block_size=block_size, dtype=x.dtype)
-        rows.append(F.linear(x[pair : pair + 1], weight, None if bias is None else bias[expert].to(x.dtype)))
-    return torch.cat(rows) if rows else x.new_empty(0, packed.shape[1])
+MAX_PAIRS_PER_LAUNCH = 65535
 
 
-__all__ = ["routed_config", "routed_fits", "routed_gemv", "routed_reference"]
+__all__ = ["MAX_PAIRS_PER_LAUNCH", "routed_config", "routed_gemv"]
