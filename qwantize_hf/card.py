@@ -152,6 +152,12 @@ def render_model_card(
     scale_method = quantization_config["scale_method"]
     check_block_size(block_size)
     description = scale_method_row(scale_method).description
+    scales_from = quantization_config.get("scales_from")
+    if scales_from:
+        description = (
+            f"the scales were chosen by {_text(scales_from)} and imported byte for byte; `{scale_method}` "
+            f"({description}) is how this library would quantize new weights"
+        )
     if eval_results is not None and not isinstance(eval_results.get("methods"), list):
         raise ValueError("eval_results needs a 'methods' list of per-method results (see the eval scripts' JSON)")
     quant_method = quantization_config.get("quant_method", QUANT_METHOD)
@@ -166,7 +172,8 @@ def render_model_card(
     hub_link = bool(base_model) and _HUB_ID.match(base_model) is not None
     fields = {
         "front_matter": _front_matter(base_model, license),
-        "title": f"{name} MXFP4 (block {block_size}, {scale_method} scales)",
+        "title": f"{name} MXFP4 (block {block_size}, "
+        + (f"scales from {_text(scales_from)})" if scales_from else f"{scale_method} scales)"),
         "base_model_sentence": (
             f"[`{base_model}`](https://huggingface.co/{base_model}) quantized to MXFP4."
             if hub_link

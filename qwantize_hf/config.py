@@ -82,6 +82,9 @@ class MXFP4Config(QuantizationConfigMixin):
         dequantize: at load time, turn a quantized checkpoint back into a plain model of
             ``nn.Linear`` layers holding ``dequantize(quantize(W))``.
         base_model: the Hub id the weights were quantized from (filled in on load when known).
+        scales_from: who chose the stored scales when another tool did (an imported checkpoint, e.g.
+            GPT-OSS as published); None (default, and not written to config.json): this library, by
+            ``scale_method``. With it set, ``scale_method`` only says how new weights would be quantized.
         calibration: activation-aware scales (``scale_method="mse"`` or ``algorithm="gptq"``):
             every block's scale is searched with each element's squared error weighted by its
             input feature's mean square activation on calibration tokens. A dict with ``dataset``
@@ -125,6 +128,7 @@ class MXFP4Config(QuantizationConfigMixin):
         quantize_lm_head: bool = False,
         dequantize: bool = False,
         base_model: str | None = None,
+        scales_from: str | None = None,
         calibration: dict[str, Any] | str | None = CALIBRATION_AUTO,
         algorithm: str = DEFAULT_ALGORITHM,
         gptq: dict[str, Any] | None = None,
@@ -165,6 +169,7 @@ class MXFP4Config(QuantizationConfigMixin):
         self.quantize_lm_head = quantize_lm_head
         self.dequantize = dequantize
         self.base_model = base_model
+        self.scales_from = scales_from
         # Our own dict: defaults are filled in and the quantizer swaps a request for a record.
         self.calibration = dict(calibration) if isinstance(calibration, dict) else calibration
         self.algorithm = algorithm
@@ -187,6 +192,8 @@ class MXFP4Config(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Raise ValueError/TypeError naming the bad field and the accepted values."""
+        if self.scales_from is not None and (not isinstance(self.scales_from, str) or not self.scales_from.strip()):
+            raise TypeError(f"scales_from must be None or a non-empty string naming a tool, got {self.scales_from!r}")
         if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
             raise TypeError(f"format_version must be an int, got {self.format_version!r}")
         if self.format_version > FORMAT_VERSION:
@@ -342,6 +349,8 @@ class MXFP4Config(QuantizationConfigMixin):
         for key, value in self.__dict__.items():
             if key == "dequantize":
                 continue  # a request for this load, not a property of the stored bytes
+            if key == "scales_from" and value is None:
+                continue  # written only for imported scales
             if key == "calibration" and value is not None:
                 value = calibration_summary(value)
             config[key] = copy.deepcopy(value)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, Mxfp4Config
 
 from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf.card import render_model_card
 from qwantize_hf.experts import IMPLEMENTATION, is_mxfp4_experts
 from qwantize_hf.integrations.cli import main as cli_main
 from qwantize_hf.integrations.transformers_mxfp4 import from_transformers_mxfp4
@@ -58,6 +59,9 @@ def test_imported_experts_hold_the_bytes_transformers_dequantizes_and_give_its_l
     assert (out / "tokenizer_config.json").is_file()
     quantization = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quantization["quant_method"] == "qwantize_mxfp4" and "lm_head" in quantization["modules_to_not_convert"]
+    assert "GPT-OSS" in quantization["scales_from"]  # the scales are not this library's mse ones
+    card = render_model_card(quantization, "gpt-oss-tiny")
+    assert "scales from the source checkpoint" in card and "mse scales)" not in card
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     reference = transformers_reference(gpt_oss_mxfp4)
     stored = load_file(gpt_oss_mxfp4 / "model.safetensors")
@@ -102,3 +106,13 @@ def test_a_scales_tensor_missing_or_misshapen_is_refused_naming_it(gpt_oss_mxfp4
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{name} has blocks U8 \[4, 64, 4, 16\] and scales U8 \[4, 64, 1\]"):
         from_transformers_mxfp4(broken, tmp_path / "b")
+
+
+def test_scales_from_is_written_only_when_set_and_must_name_something():
+    from qwantize_hf import MXFP4Config
+
+    assert "scales_from" not in MXFP4Config().to_dict()
+    assert MXFP4Config(scales_from="a tool").to_dict()["scales_from"] == "a tool"
+    for bad in ("", "  ", 3):
+        with pytest.raises(TypeError, match="scales_from must be None or a non-empty string"):
+            MXFP4Config(scales_from=bad)

@@ -48,6 +48,7 @@ TRANSFORMERS_MXFP4 = "mxfp4"  # transformers' quant_method for these checkpoints
 BLOCKS_SUFFIX = "_blocks"
 SCALES_SUFFIX = "_scales"
 BLOCK_SIZE = 32  # the only block size of the format (16 bytes of codes per scale)
+SCALES_FROM = "the source checkpoint (transformers MXFP4, as GPT-OSS is published)"  # config.json's record
 
 
 def _quantized_tensors(headers: Mapping[str, TensorHeader], where: str) -> list[str]:
@@ -103,8 +104,8 @@ def from_transformers_mxfp4(
 
     Each ``<p>_blocks`` becomes ``<p>`` (uint8 ``[E, N, K/2]``) and each ``<p>_scales`` ``<p>_scale``; every
     other tensor (attention, router, embeddings, biases, sinks) is copied as it is, and every Linear stays
-    float (``modules_to_not_convert``), as in the source. ``scale_method`` is only recorded (how new weights
-    would be quantized); the imported scales are the checkpoint's own. Side files (tokenizer, generation
+    float (``modules_to_not_convert``), as in the source. config.json says the scales are the source's
+    (``scales_from``); ``scale_method`` is only how new weights would be quantized. Side files (tokenizer, generation
     config, chat template) are copied.
     """
     check_scale_method(scale_method)
@@ -133,8 +134,9 @@ def from_transformers_mxfp4(
     copy_side_files(src, out)
     config = dict(config)
     config["quantization_config"] = MXFP4Config(
-        block_size=BLOCK_SIZE, scale_method=scale_method, modules_to_not_convert=linears, calibration=None
-    ).to_dict()
+        block_size=BLOCK_SIZE, scale_method=scale_method, modules_to_not_convert=linears, calibration=None,
+        scales_from=SCALES_FROM,
+    ).to_dict()  # fmt: skip
     write_json(out / CONFIG_NAME, config)
     logger.info("wrote %d MXFP4 expert projections of %s as qwantize_hf to %s", len(pairs), src, out)
     return out
