@@ -161,6 +161,25 @@ def rewrite_weights(
         write_json(out / WEIGHTS_INDEX_NAME, renamed)
 
 
+def write_import(
+    src: Path,
+    out: Path,
+    files: list[str],
+    index: dict[str, Any] | None,
+    rename: Callable[[str], str],
+    config: dict[str, Any],
+    *,
+    overwrite: bool,
+    convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """An importer's output folder: every shard rewritten (``rename``, ``convert``), the side files copied,
+    and ``config`` (with its new quantization_config) as config.json."""
+    prepare_out_dir(src, out, overwrite)
+    rewrite_weights(src, out, files, index, rename, convert)
+    copy_side_files(src, out)
+    write_json(out / CONFIG_NAME, config)
+
+
 def load_config(src: Path) -> dict[str, Any]:
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}; point at a saved model folder")
@@ -184,5 +203,6 @@ __all__ = [
     "read_json",
     "rewrite_weights",
     "weight_files",
+    "write_import",
     "write_json",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from qwantize_hf.methods import SCALE_METHODS
 
@@ -39,36 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     to_ct.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
 
-    from_ct = commands.add_parser(
-        "from-compressed-tensors",
-        help="compressed-tensors MXFP4 folder (llm-compressor) -> qwantize_hf checkpoint folder",
-    )
-    from_ct.add_argument("src", help="compressed-tensors checkpoint folder with format 'mxfp4-pack-quantized'")
-    from_ct.add_argument("out", help="output folder")
-    from_ct.add_argument(
-        "--scale-method",
-        choices=list(SCALE_METHODS),
-        default="even",
-        help="recorded in the config: how new weights would be quantized; the checkpoint's scales are kept as "
-        "they are (default: even, compressed-tensors' own rule)",
-    )
-    from_ct.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
-
-    from_tf = commands.add_parser(
-        "from-transformers-mxfp4",
-        help="transformers MXFP4 folder (quant_method 'mxfp4': GPT-OSS as published) -> qwantize_hf checkpoint folder",
-    )
-    from_tf.add_argument("src", help="checkpoint folder whose experts are stored as *_blocks and *_scales")
-    from_tf.add_argument("out", help="output folder")
-    from_tf.add_argument(
-        "--scale-method",
-        choices=list(SCALE_METHODS),
-        default="mse",
-        help="recorded in the config: how new weights would be quantized; the checkpoint's scales are kept as "
-        "they are",
-    )
-    from_tf.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    _import_command(
+        commands, "from-compressed-tensors",
+        "compressed-tensors MXFP4 folder (llm-compressor) -> qwantize_hf checkpoint folder",
+        "compressed-tensors checkpoint folder with format 'mxfp4-pack-quantized'",
+        "even", " (default: even, compressed-tensors' own rule)",
+    )  # fmt: skip
+    _import_command(
+        commands, "from-transformers-mxfp4",
+        "transformers MXFP4 folder (quant_method 'mxfp4': GPT-OSS as published) -> qwantize_hf checkpoint folder",
+        "checkpoint folder whose experts are stored as *_blocks and *_scales",
+        "mse", " (config.json's scales_from says whose they are)",
+    )  # fmt: skip
     return parser
+
+
+def _import_command(commands: Any, name: str, summary: str, source: str, default: str, note: str) -> None:
+    """A converter from another tool's MXFP4 layout into ours: SRC, OUT, --scale-method, --overwrite."""
+    command = commands.add_parser(name, help=summary)
+    command.add_argument("src", help=source)
+    command.add_argument("out", help="output folder")
+    command.add_argument(
+        "--scale-method",
+        choices=list(SCALE_METHODS),
+        default=default,
+        help="recorded in the config: how new weights would be quantized; the checkpoint's scales are kept as "
+        "they are" + note,
+    )
+    command.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
 
 
 def main(argv: list[str] | None = None) -> int:

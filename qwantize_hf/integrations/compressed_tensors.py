@@ -47,6 +47,7 @@ from qwantize_hf.integrations.checkpoint_folder import (
     read_json,
     rewrite_weights,
     weight_files,
+    write_import,
     write_json,
 )
 
@@ -411,14 +412,12 @@ def from_compressed_tensors(
         # No transformers class to inspect: the checkpoint's own list of unquantized Linears.
         not_converted = [name for name in qconfig.get("ignore") or [] if not name.startswith("re:")]
         logger.warning("%s: using the checkpoint's ignore list %s as modules_to_not_convert", src, not_converted)
-    prepare_out_dir(src, out, overwrite)
-    rewrite_weights(src, out, files, index, _renamer(modules, CT_CODES_SUFFIX, OUR_CODES_SUFFIX), _scale_bytes)
-    copy_side_files(src, out)
     config = {key: value for key, value in config.items() if key != "compression_config"}
     # Exactly what save_pretrained of a qwantize_hf model records.
     config["quantization_config"] = MXFP4Config(
         block_size=CT_MXFP4_BLOCK_SIZE, scale_method=scale_method, modules_to_not_convert=not_converted
     ).to_dict()
-    write_json(out / CONFIG_NAME, config)
+    rename = _renamer(modules, CT_CODES_SUFFIX, OUR_CODES_SUFFIX)
+    write_import(src, out, files, index, rename, config, overwrite=overwrite, convert=_scale_bytes)
     logger.info("wrote %d compressed-tensors MXFP4 modules of %s as qwantize_hf to %s", len(modules), src, out)
     return out

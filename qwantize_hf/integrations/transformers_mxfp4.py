@@ -29,17 +29,13 @@ from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.experts import PROJECTIONS, SCALE_SUFFIX
 from qwantize_hf.format import check_scale_method
 from qwantize_hf.integrations.checkpoint_folder import (
-    CONFIG_NAME,
     U8,
     TensorHeader,
-    copy_side_files,
     linear_module_names,
     load_config,
-    prepare_out_dir,
     read_headers,
-    rewrite_weights,
     weight_files,
-    write_json,
+    write_import,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,15 +125,12 @@ def from_transformers_mxfp4(
             return tensor.reshape(*tensor.shape[:-2], -1)  # [E, N, K/32, 16] -> [E, N, K/2], same bytes
         return tensor
 
-    prepare_out_dir(src, out, overwrite)
-    rewrite_weights(src, out, files, index, rename, convert)
-    copy_side_files(src, out)
     config = dict(config)
     config["quantization_config"] = MXFP4Config(
         block_size=BLOCK_SIZE, scale_method=scale_method, modules_to_not_convert=linears, calibration=None,
         scales_from=SCALES_FROM,
     ).to_dict()  # fmt: skip
-    write_json(out / CONFIG_NAME, config)
+    write_import(src, out, files, index, rename, config, overwrite=overwrite, convert=convert)
     logger.info("wrote %d MXFP4 expert projections of %s as qwantize_hf to %s", len(pairs), src, out)
     return out
 
