@@ -181,7 +181,8 @@ def main() -> None:
     worst = max(errors.values())
     assert worst < 1e-2, f"a variant is off the fake-quant reference: {worst:.2e}"
     names = list(runs)
-    routed_up_to = min(ex.GATHER_PAIRS, ex.GATHER_PAIRS_PER_EXPERT * shape["num_experts"])  # on a GPU
+    probe = torch.empty(1, shape["hidden_size"], dtype=torch.bfloat16, device=args.device)
+    routed_up_to = ex.gather_pairs(quantized, probe)  # what experts_forward uses on this device
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [
         f"# One MoE experts layer, MXFP4 vs bf16 ({device})",

@@ -153,11 +153,24 @@ def render_model_card(
     check_block_size(block_size)
     description = scale_method_row(scale_method).description
     scales_from = quantization_config.get("scales_from")
+    layout = (
+        f"4-bit FP4 (E2M1) codes plus one power-of-two (UE8M0) scale per block of {block_size} weights"
+    )
+    stored_sentence = (
+        f"Every eligible weight (`nn.Linear` layers, fused mixture-of-experts projections) is stored as MXFP4: "
+        f"{layout}, quantized with `qwantize_hf`."
+    )
+    calibration = _calibration_cell(quantization_config.get("calibration"))
     if scales_from:
-        description = (
-            f"the scales were chosen by {_text(scales_from)} and imported byte for byte; `{scale_method}` "
-            f"({description}) is how this library would quantize new weights"
+        stored_sentence = (
+            f"Its MXFP4 weights ({layout}) were imported byte for byte from {_text(scales_from)}; `qwantize_hf` "
+            "stores and runs them."
         )
+        description = (
+            f"the scales were chosen by {_text(scales_from)} and imported as they are; `{scale_method}` is how "
+            "this library would quantize new weights"
+        )
+        calibration = f"not applicable: the scales were imported from {_text(scales_from)}"
     if eval_results is not None and not isinstance(eval_results.get("methods"), list):
         raise ValueError("eval_results needs a 'methods' list of per-method results (see the eval scripts' JSON)")
     quant_method = quantization_config.get("quant_method", QUANT_METHOD)
@@ -190,7 +203,8 @@ def render_model_card(
         "bits_per_weight": format(BITS_PER_WEIGHT[block_size], "g"),
         "base_model_cell": _code(base_model) if base_model else "not recorded",
         "modules_to_not_convert": ", ".join(_code(m) for m in skipped) if skipped else "none",
-        "calibration": _calibration_cell(quantization_config.get("calibration")),
+        "calibration": calibration,
+        "stored_sentence": stored_sentence,
         # a Python string literal: json.dumps escapes quotes, backslashes and line breaks
         "repo_id": json.dumps(repo_id or DEFAULT_REPO_ID),
         "eval_section": _eval_section(eval_results) if eval_results is not None else "",

@@ -73,7 +73,7 @@ class RoutedMeanSquares:
         index = index.to(hidden.device)
         if self.counts is None:
             self.counts = torch.zeros(experts, dtype=torch.long, device=hidden.device)
-        routed = index[index < experts]  # expert-parallel sentinels are no expert's
+        routed = index[(index >= 0) & (index < experts)]  # expert-parallel sentinels are no expert's
         self.counts += torch.bincount(routed.reshape(-1), minlength=experts)
         for expert in torch.unique(routed).tolist():
             tokens = hidden[(index == expert).any(dim=-1)]

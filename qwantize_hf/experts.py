@@ -184,7 +184,8 @@ TWIN_GATHER_PAIRS = 16
 
 def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int:
     """How many (token, expert) pairs ``experts_forward`` runs as routed calls for this module and input."""
-    if hidden_states.is_cuda and routed_fits(hidden_states):
+    down_k = module.down_proj.shape[-1] * F4_CODES_PER_BYTE  # codes [E, N, K/2]: down's reduction length
+    if hidden_states.is_cuda and routed_fits(hidden_states) and routed_fits(hidden_states.new_empty(0, down_k)):
         return min(GATHER_PAIRS, GATHER_PAIRS_PER_EXPERT * module.num_experts)
     return TWIN_GATHER_PAIRS
 

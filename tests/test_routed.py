@@ -102,6 +102,28 @@ def test_op_on_cpu_is_each_pairs_linear_and_checks_its_arguments():
         mxfp4_linear_routed(x, ids, packed[0], scales[0], bias, 32)
 
 
+def test_launches_split_the_pairs_over_grid_limits(monkeypatch):
+    from qwantize_hf.kernels import matmul_routed
+
+    monkeypatch.setattr(matmul_routed, "MAX_PAIRS_PER_LAUNCH", 3)
+    x, ids, packed, scales, bias = make_inputs(*CASES[0], seed=6, device=KERNEL_DEVICE)
+    out = routed_gemv(x, ids, packed, scales, bias, 32, config=CPU_CONFIGS["w8"])
+    assert rel_err(out, reference(x, ids, packed, scales, bias, 32)) < MAX_REL_ERR  # 7 pairs: launches of 3, 3, 1
+
+
+def test_op_compiles_forward_and_backward_as_one_graph():
+    x, ids, packed, scales, bias = make_inputs(*CASES[0], seed=8, device="cpu")
+    x = x.float().requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: mxfp4_linear_routed(*a, 32), fullgraph=True, backend="aot_eager")
+    out = compiled(x, ids, packed, scales, bias)
+    out.sum().backward()
+    expected = torch.ops.qwantize_hf.mxfp4_linear_routed(x.detach(), ids, packed, scales, bias, 32)
+    torch.testing.assert_close(out.detach(), expected)
+    w = dequantize_mxfp4(packed, scales, dtype=torch.float32)[ids]
+    torch.testing.assert_close(x.grad, w.sum(dim=1))  # d(sum of outputs)/dx = each pair's weight rows summed
+
+
 def test_op_gradient_is_each_pairs_transposed_product():
     x, ids, packed, scales, bias = make_inputs(*CASES[0], seed=4, device="cpu")
     x = x.float().requires_grad_()

@@ -62,6 +62,8 @@ def test_imported_experts_hold_the_bytes_transformers_dequantizes_and_give_its_l
     assert "GPT-OSS" in quantization["scales_from"]  # the scales are not this library's mse ones
     card = render_model_card(quantization, "gpt-oss-tiny")
     assert "scales from the source checkpoint" in card and "mse scales)" not in card
+    assert "were imported byte for byte from" in card and "Every eligible" not in card
+    assert "| Calibration | not applicable: the scales were imported from" in card
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     reference = transformers_reference(gpt_oss_mxfp4)
     stored = load_file(gpt_oss_mxfp4 / "model.safetensors")
