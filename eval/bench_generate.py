@@ -1,10 +1,11 @@
-"""Generation benchmark: a Llama-shaped causal LM (random weights) in bf16 vs MXFP4 (GPU only).
+"""Generation benchmark: a causal LM (random weights, Llama or Qwen3-MoE shapes) in bf16 vs MXFP4 (GPU only).
 
-Builds the model from a config dict written below (Llama-3.2-1B or Llama-3-8B shapes;
-nothing is downloaded), measures bf16, then swaps every ``nn.Linear`` inside the decoder
-layers for an MXFP4 layer whose product is the fused kernel (``mxfp4_linear``) and
-measures again with identical settings: greedy decode tokens/s at batch 1 and 8
-(static KV cache; generate() then compiles the decode step with CUDA graphs, for both,
+Builds the model from a config dict (Llama-3.2-1B or Llama-3-8B shapes, or Qwen3-30B-A3B's with
+8 of its 48 decoder layers, a mixture-of-experts model; nothing is downloaded), measures bf16, then
+swaps every ``nn.Linear`` inside the decoder layers for an MXFP4 layer whose product is the fused
+kernel (``mxfp4_linear``), and makes every fused experts module MXFP4 (the ``qwantize_mxfp4`` experts
+implementation: routed kernel at decode), and measures again with identical settings: greedy decode
+tokens/s at batch 1 and 8 (static KV cache; generate() then compiles the decode step with CUDA graphs, for both,
 unless ``--no-compile``), prefill time for a 2k-token prompt, weight bytes
 and peak GPU memory. The embeddings and ``lm_head`` stay bf16 in both runs.
 generate() synchronises every step, so its tokens/s include 2-3 ms of host time a step
@@ -25,10 +26,23 @@ import time
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, StaticCache
 
+from qwantize_hf import experts as ex
+from qwantize_hf import quantize_mxfp4
 from qwantize_hf.evaluation.shapes import CONFIGS
 from qwantize_hf.linear import MXFP4Linear
+
+# Qwen3-30B-A3B's shapes (its config.json), 8 of its 48 decoder layers: the experts' share of the weights and
+# of each decode step as in the full model, a fifth of its memory
+MOE_CONFIGS = {
+    "qwen3-30b-a3b-8l": dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+}
 
 
 def quantize_decoder_linears(model: nn.Module) -> int:
@@ -41,6 +55,32 @@ def quantize_decoder_linears(model: nn.Module) -> int:
                     setattr(child, attr, MXFP4Linear.from_linear(sub, name=f"{name}.{attr}"))
                     count += 1
     return count
+
+
+def quantize_experts(model: nn.Module) -> int:
+    """Make every fused experts module under ``model.model.layers`` MXFP4 (plain mse, blocks of 32 along each
+    expert's reduction dimension) and run them as the ``qwantize_mxfp4`` implementation; returns how many."""
+    names = [f"model.layers.{i}.{name}" for i, layer in enumerate(model.model.layers)
+             for name, module in layer.named_modules() if ex.is_fused_experts(module)]  # fmt: skip
+    for name in names:
+        module = model.get_submodule(name)
+        quantized = {p: quantize_mxfp4(ex.expert_weight(module, p), name=f"{name}.{p}") for p in ex.PROJECTIONS}
+        ex.install(module, quantized, block_size=32)
+    if names:
+        ex.use_implementation(model, names)
+    return len(names)
+
+
+def build_model(name: str) -> nn.Module:
+    """The bf16 model of ``--model`` on the GPU (the CPU when there is none), random weights."""
+    moe = name in MOE_CONFIGS
+    config = Qwen3MoeConfig(**MOE_CONFIGS[name]) if moe else LlamaConfig(**CONFIGS[name])
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = (Qwen3MoeForCausalLM if moe else LlamaForCausalLM)(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -179,7 +219,7 @@ def measure(model, label: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="8b")
+    parser.add_argument("--model", choices=sorted(CONFIGS) + sorted(MOE_CONFIGS), default="8b")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -199,20 +239,17 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
 
     torch.manual_seed(0)
-    config = LlamaConfig(**CONFIGS[args.model])
-    config._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = build_model(args.model)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     # With a static cache, generate() compiles the decode step itself (fullgraph, CUDA graphs).
     model.generation_config.disable_compile = args.no_compile
 
     rows = [] if args.only == "mxfp4" else [measure(model, "bf16", args)]
-    n_quantized = 0
+    n_quantized = n_experts = 0
+    bf16_experts = getattr(model.config, "_experts_implementation", None)
     if args.only != "bf16":
         n_quantized = quantize_decoder_linears(model)
+        n_experts = quantize_experts(model)
         # Drop the bf16 compiled step (and the weights its CUDA graphs keep alive) before measuring again.
         model.__dict__.pop("_compiled_call", None)
         torch._dynamo.reset()
@@ -224,7 +261,10 @@ def main() -> None:
     if args.graph_loop:
         rates += [(f"graph_tok_s_b{b}", f"graph-loop tok/s b{b}") for b in args.batches]
     lines = [
-        f"model: Llama-{args.model} shapes from config (random weights), {n_quantized} decoder Linears quantized; "
+        f"model: {args.model if args.model in MOE_CONFIGS else 'Llama-' + args.model} shapes from config (random "
+        f"weights), {n_quantized} decoder Linears and {n_experts} experts modules quantized"
+        + (f" (bf16 experts run as transformers' {bf16_experts!r})" if n_experts else "")
+        + "; "
         f"device {torch.cuda.get_device_name()}; torch {torch.__version__}",
         f"settings: greedy, static KV cache, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
         f"generate's static-cache compile={not args.no_compile}; "

@@ -68,3 +68,24 @@ def test_graph_loop_refuses_too_few_new_tokens(tiny_mxfp4_llama):
     args = types.SimpleNamespace(prompt_tokens=8, new_tokens=5)
     with pytest.raises(ValueError, match="needs --new-tokens of at least 6, got 5"):
         bench_generate.graph_decode_tok_s(tiny_mxfp4_llama, 1, args, backend="eager")
+
+
+def test_a_mixture_of_experts_model_quantizes_and_decodes_through_the_loop():
+    """The MoE path of the script (``--model qwen3-30b-a3b-8l`` at full size on the GPU): a tiny Qwen3-MoE's
+    Linears and experts become MXFP4, its experts run as qwantize_mxfp4, and the compiled decode loop runs."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qwantize_hf.experts import IMPLEMENTATION, is_mxfp4_experts
+    from tests.tiny_models import COMMON
+
+    config = Qwen3MoeConfig(**COMMON, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).eval()
+    assert bench_generate.quantize_decoder_linears(model) == 2 * 4  # q/k/v/o: the router is not a Linear
+    assert bench_generate.quantize_experts(model) == 2
+    assert all(is_mxfp4_experts(layer.mlp.experts) for layer in model.model.layers)
+    assert model.config._experts_implementation == IMPLEMENTATION
+    args = types.SimpleNamespace(prompt_tokens=8, new_tokens=8)
+    assert torch.isnan(torch.tensor(bench_generate.graph_decode_tok_s(model, 2, args, backend="eager")))
+    assert set(bench_generate.MOE_CONFIGS) == {"qwen3-30b-a3b-8l"}
