@@ -28,9 +28,10 @@ from qwantize_hf.ops import dequantize_mxfp4
 _KERNEL_K_MULTIPLE = 32
 
 
-def routed_fits(x: torch.Tensor) -> bool:
-    """Whether the routed kernel takes this x (bf16 or fp16, K a multiple of 32); else the torch twin runs."""
-    return x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % _KERNEL_K_MULTIPLE == 0
+def routed_fits(dtype: torch.dtype, k: int) -> bool:
+    """Whether the routed kernel takes x of this dtype and reduction length (bf16 or fp16, K a multiple of
+    32); else the torch twin runs."""
+    return dtype in (torch.bfloat16, torch.float16) and k % _KERNEL_K_MULTIPLE == 0
 
 
 def routed_reference(
@@ -123,7 +124,7 @@ def _routed_cuda(
     block_size: int,
 ) -> torch.Tensor:
     check_routed_args(x, experts, packed, scales, bias, block_size)
-    if not routed_fits(x):
+    if not routed_fits(x.dtype, x.shape[-1]):
         return routed_reference(x, experts, packed, scales, bias, block_size)
     from qwantize_hf.kernels.matmul_routed import routed_gemv  # Triton: imported where a GPU kernel runs
 
