@@ -29,7 +29,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, StaticCache
 
 from qwantize_hf import experts as ex
-from qwantize_hf import quantize_mxfp4
 from qwantize_hf.evaluation.shapes import CONFIGS
 from qwantize_hf.linear import MXFP4Linear
 
@@ -64,8 +63,7 @@ def quantize_experts(model: nn.Module) -> int:
              for name, module in layer.named_modules() if ex.is_fused_experts(module)]  # fmt: skip
     for name in names:
         module = model.get_submodule(name)
-        quantized = {p: quantize_mxfp4(ex.expert_weight(module, p), name=f"{name}.{p}") for p in ex.PROJECTIONS}
-        ex.install(module, quantized, block_size=32)
+        ex.install(module, ex.quantize_float(module, block_size=32, name=name), block_size=32)
     if names:
         ex.use_implementation(model, names)
     return len(names)

@@ -27,7 +27,7 @@ import torch
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from qwantize_hf import dequantize_mxfp4, quantize_mxfp4
+from qwantize_hf import dequantize_mxfp4
 from qwantize_hf import experts as ex
 
 SHAPES = {
@@ -48,11 +48,9 @@ def build(shape: dict, device: str) -> tuple[torch.nn.Module, torch.nn.Module, t
         for projection in ex.PROJECTIONS:
             getattr(module, projection).normal_(0.0, 0.02)
     quantized, reference = copy.deepcopy(module), copy.deepcopy(module)
-    done = {}
-    for projection in ex.PROJECTIONS:
-        packed, scales = quantize_mxfp4(getattr(module, projection), name=projection)
-        done[projection] = (packed, scales)
-        with torch.no_grad():
+    done = ex.quantize_float(module, block_size=32)
+    with torch.no_grad():
+        for projection, (packed, scales) in done.items():
             getattr(reference, projection).copy_(dequantize_mxfp4(packed, scales, dtype=torch.bfloat16))
     ex.install(quantized, done, block_size=32)
     ex.register_implementation()

@@ -28,7 +28,7 @@ from torch import nn
 
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear_op import mxfp4_linear
-from qwantize_hf.ops import dequantize_mxfp4
+from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
 from qwantize_hf.routed_op import mxfp4_linear_routed, routed_fits
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -121,6 +121,20 @@ def install(module: nn.Module, quantized: dict[str, tuple[torch.Tensor, torch.Te
     module.mxfp4_block_size = block_size
 
 
+def quantize_float(
+    module: nn.Module, *, block_size: int, scale_method: str = "mse", name: str = "experts"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each projection of a float experts module quantized along its experts' reduction dimension (data-free
+    ``scale_method``): ``{projection: (packed [E, N, K/2], scales)}``, ready for ``install``."""
+    return {
+        projection: quantize_mxfp4(
+            expert_weight(module, projection), block_size=block_size, scale_method=scale_method,
+            name=f"{name}.{projection}",
+        )  # fmt: skip
+        for projection in PROJECTIONS
+    }
+
+
 def divisible(module: nn.Module, block_size: int) -> bool:
     return all(product_shape(module, projection)[2] % block_size == 0 for projection in PROJECTIONS)
 
@@ -185,7 +199,8 @@ TWIN_GATHER_PAIRS = 16
 def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int:
     """How many (token, expert) pairs ``experts_forward`` runs as routed calls for this module and input."""
     down_k = module.down_proj.shape[-1] * F4_CODES_PER_BYTE  # codes [E, N, K/2]: down's reduction length
-    if hidden_states.is_cuda and routed_fits(hidden_states) and routed_fits(hidden_states.new_empty(0, down_k)):
+    dtype = hidden_states.dtype
+    if hidden_states.is_cuda and routed_fits(dtype, hidden_states.shape[-1]) and routed_fits(dtype, down_k):
         return min(GATHER_PAIRS, GATHER_PAIRS_PER_EXPERT * module.num_experts)
     return TWIN_GATHER_PAIRS
 
@@ -202,8 +217,8 @@ def experts_forward(
     return _looped(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _tensors(self: nn.Module, index: int | torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """The codes, scales and (GPT-OSS) biases of expert ``index`` (or of each expert an index tensor names)."""
+def _tensors(self: nn.Module, index: int) -> dict[str, torch.Tensor | None]:
+    """The codes, scales and (GPT-OSS) biases of expert ``index``."""
     names = [name for pair in stored_pairs(self) for name in pair]
     tensors: dict[str, torch.Tensor | None] = {name: getattr(self, name)[index] for name in names}
     for projection in PROJECTIONS:
@@ -357,6 +372,7 @@ __all__ = [
     "float_product",
     "gated",
     "install",
+    "quantize_float",
     "GATHER_PAIRS",
     "GATHER_PAIRS_PER_EXPERT",
     "TWIN_GATHER_PAIRS",

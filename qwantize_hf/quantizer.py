@@ -320,7 +320,8 @@ class MXFP4HfQuantizer(HfQuantizer):
                 routed_counts=routed,
             )
             for name in self._experts_names:
-                experts.install(model.get_submodule(name), quantized.pop(name), block_size=config.block_size)
+                module = model.get_submodule(name)
+                expert_calibration.install_quantized(module, quantized.pop(name), block_size=config.block_size)
             for name, (packed, scales) in quantized.items():
                 replace.swap_in_mxfp4(model, name, packed, scales, block_size=config.block_size)
         else:

@@ -113,15 +113,20 @@ def from_transformers_mxfp4(
     pairs = set(_quantized_tensors(read_headers(src, files), where))
     linears = linear_module_names(config)
 
+    def pair_of(name: str, suffix: str) -> str | None:
+        """The ``<m>.<p>`` whose ``suffix`` tensor ``name`` is, or None."""
+        pair = name[: -len(suffix)] if name.endswith(suffix) else None
+        return pair if pair in pairs else None
+
     def rename(name: str) -> str:
-        if name.endswith(BLOCKS_SUFFIX) and name[: -len(BLOCKS_SUFFIX)] in pairs:
-            return name[: -len(BLOCKS_SUFFIX)]
-        if name.endswith(SCALES_SUFFIX) and name[: -len(SCALES_SUFFIX)] in pairs:
-            return name[: -len(SCALES_SUFFIX)] + SCALE_SUFFIX
+        if (pair := pair_of(name, BLOCKS_SUFFIX)) is not None:
+            return pair
+        if (pair := pair_of(name, SCALES_SUFFIX)) is not None:
+            return pair + SCALE_SUFFIX
         return name
 
     def convert(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name.endswith(BLOCKS_SUFFIX) and name[: -len(BLOCKS_SUFFIX)] in pairs:
+        if pair_of(name, BLOCKS_SUFFIX) is not None:
             return tensor.reshape(*tensor.shape[:-2], -1)  # [E, N, K/32, 16] -> [E, N, K/2], same bytes
         return tensor
 
