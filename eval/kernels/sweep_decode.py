@@ -1,8 +1,12 @@
-"""Sweep the fused MXFP4 matmul's decode configs on a GPU (M <= 16): which kernel, tile, split and pipeline depth win.
+"""Sweep the fused MXFP4 matmul's configs on a GPU: which kernel, tile, split and pipeline depth win at each M.
 
 Three kernels: "tc", the tensor-core kernel's decode configs (the weight as the wgmma register
 operand, x padded to 16 rows), "gemv", the CUDA-core kernel (``_mxfp4_gemv_kernel``), and
 "mma", the warp-MMA kernel (``_mxfp4_mma_kernel``: mma.sync with operands loaded into registers).
+Above 16 rows: "tcm", the tensor-core kernel with 32-128 row tiles of x (the weight still the
+register operand) and split-K, "tc-prefill", the shipped ``PREFILL_CONFIGS``, and "ds", Triton's own
+``tl.dot_scaled`` on our layout (``dot_scaled_probe``). Each config runs only at the M it is for
+(``applies``); every (shape, M) also times dequantize + bf16 ``F.linear``, what runs without a kernel.
 For each Llama-3-8B layer shape and M, every config in the grids below is compiled (in
 parallel worker processes that fill Triton's on-disk cache), checked against a float32
 matmul of the exact dequantized weight, then timed as CUDA-graph replays over weight
@@ -14,6 +18,8 @@ again as a whole call (fresh workspace: one small memset more) next to bf16 ``F.
     python eval/kernels/sweep_decode.py --kernels gemv,tc-shipped --ms 1 --out eval/results/sweep_gemv_h100.md
     python eval/kernels/sweep_decode.py --kernels mma,gemv-shipped,tc-shipped --ms 1,2,4,8,16 \
         --out eval/results/sweep_mma_h100.md
+    python eval/kernels/sweep_decode.py --kernels tcm,tc-prefill,ds --ms 32,64,128,256,512,1024 \
+        --out eval/results/sweep_tiled_h100.md
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ ROTATE_BYTES = 200 * 2**20
 
 def config_grid(kernels: list[str]) -> list[tuple]:
     """Config tuples, kernel name first: ("tc", BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or
-    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages) or ("mma", TILES, WARPS, SPLIT_K, warps, X_AHEAD);
-    "tc-shipped" and "gemv-shipped" are the shipped DECODE_CONFIGS and GEMV_CONFIGS."""
+    ("gemv", BLOCK_N, BLOCK_W, SPLIT_K, warps, stages) or ("mma", TILES, WARPS, SPLIT_K, warps, X_AHEAD)
+    or ("tcm", BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) or ("tcp", index into PREFILL_CONFIGS)
+    or ("ds", BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); "tc-shipped" and "gemv-shipped" are the shipped
+    DECODE_CONFIGS and GEMV_CONFIGS, "tc-prefill" the shipped PREFILL_CONFIGS."""
     from qwantize_hf.kernels import matmul_dispatch as kmm
 
     grid = []
@@ -68,12 +76,52 @@ def config_grid(kernels: list[str]) -> list[tuple]:
     if "mma" in kernels:
         for tiles, warps, split, x_ahead in itertools.product((1, 2, 4), (2, 4, 8), (1, 2), (1, 0)):
             grid.append(("mma", tiles, warps, split, warps, x_ahead))
+    if "tcm" in kernels:
+        tiles = ((64, 128, 4), (64, 256, 4), (128, 128, 8))  # BLOCK_N, BLOCK_K, warps (the decode winners')
+        for block_m, (block_n, block_k, warps) in itertools.product((32, 64, 128), tiles):
+            for split, stages in itertools.product((1, 2, 4, 8), (3, 4)):
+                if block_m == 128 and split == 8:
+                    continue  # 128-row tiles are for M >= 128: enough tiles without splitting K 8 ways
+                if stages * (block_n * block_k // 2 + block_m * block_k * 2) <= 200 * 1024:
+                    grid.append(("tcm", block_m, block_n, block_k, split, warps, stages))
+    if "tc-prefill" in kernels:
+        grid.extend(("tcp", i) for i in range(len(kmm.PREFILL_CONFIGS)))
+    if "ds" in kernels:
+        for block_m, (block_n, warps) in itertools.product((64, 128), ((64, 4), (128, 8))):
+            grid.append(("ds", block_m, block_n, 128, warps, 3))
     return list(dict.fromkeys(grid))  # the shipped configs are also in the full grids
 
 
-def make_config(kernel, block_n, block_k, split, warps, stages):
+def applies(cfg_t: tuple, m: int) -> bool:
+    """Whether config ``cfg_t`` is one for M = ``m``: the decode kernels up to their row limits, the
+    larger tiles above 16 rows, each BLOCK_M from half to all of M's power-of-two bucket (up to 128)."""
     from qwantize_hf.kernels import matmul_dispatch as kmm
 
+    kernel = cfg_t[0]
+    if kernel == "gemv":
+        return kmm.gemv_fits(m, 4096)
+    if kernel == "mma":
+        return m <= kmm.MMA_MAX_M
+    if kernel == "tc":
+        return m <= kmm.DECODE_MAX_M
+    if kernel == "tcm":
+        bucket = min(1 << (m - 1).bit_length(), 128)
+        return m > kmm.DECODE_MAX_M and bucket // 2 <= cfg_t[1] <= bucket
+    return m > kmm.DECODE_MAX_M
+
+
+def make_config(kernel, *params):
+    """The kernel config of a config tuple (None for "ds", which is not a config of ours)."""
+    from qwantize_hf.kernels import matmul_dispatch as kmm
+
+    if kernel == "tcm":
+        block_m, block_n, block_k, split, warps, stages = params
+        return kmm.tiled_config(block_m, block_n, block_k, split, True, True, True, warps, stages, group_n=8)
+    if kernel == "tcp":
+        return kmm.PREFILL_CONFIGS[params[0]]
+    if kernel == "ds":
+        return None
+    block_n, block_k, split, warps, stages = params
     if kernel == "gemv":
         return kmm.gemv_config(block_n, block_k, split, warps, stages)
     if kernel == "mma":
@@ -90,25 +138,36 @@ def weights_for(n: int, k: int, seed: int = 0):
     return w, packed, scales, dequantize_mxfp4(packed, scales, dtype=torch.float32)
 
 
+def run(cfg_t: tuple, x, packed, scales, workspace=None):
+    """One product of config ``cfg_t`` (our dispatch's launch, or the ``tl.dot_scaled`` probe)."""
+    from qwantize_hf.kernels import matmul_dispatch as kmm
+
+    if cfg_t[0] == "ds":
+        from dot_scaled_probe import dot_scaled_matmul
+
+        return dot_scaled_matmul(x, packed, scales, *cfg_t[1:])
+    return kmm.mxfp4_matmul_triton(x, packed, scales, None, 32, config=make_config(*cfg_t), workspace=workspace)
+
+
 def _compile_and_check(job):
     """Worker: run one (config, shape, M) once, which compiles it into the shared cache; return its error."""
     cfg_t, n, k, m = job
-    from qwantize_hf.kernels import matmul_dispatch as kmm
-
     try:
         _, packed, scales, w_ref = weights_for(n, k)
         gen = torch.Generator(device="cuda").manual_seed(m)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        out = kmm.mxfp4_matmul_triton(x, packed, scales, None, 32, config=make_config(*cfg_t))
-        return job, errors(out, x, w_ref), None
+        return job, errors(run(cfg_t, x, packed, scales), x, w_ref), None
     except Exception as exc:  # out of shared memory or registers: the config is skipped, with its reason
         return job, None, f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+REP_MS = 20  # CUDA-graph replay length (ms) per timing; --rep
 
 
 def bench(fn, calls: int) -> float:
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") / calls
+    return triton.testing.do_bench_cudagraph(fn, rep=REP_MS, return_mode="median") / calls
 
 
 def main() -> None:
@@ -118,14 +177,16 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--top", type=int, default=5, help="configs listed per shape and M")
-    parser.add_argument("--kernels", default="tc", help="tc, tc-shipped, gemv, gemv-shipped, mma: see config_grid")
+    parser.add_argument("--kernels", default="tc", help="comma-separated kernel grids: see config_grid")
+    parser.add_argument("--rep", type=int, default=REP_MS, help="ms of CUDA-graph replay per timing")
     args = parser.parse_args()
+    globals()["REP_MS"] = args.rep
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [int(v) for v in args.ms.split(",")]
     grid = config_grid(args.kernels.split(","))
     t0 = time.time()
 
-    jobs = [(cfg, n, k, m) for n, k in shapes for m in ms_list for cfg in grid]
+    jobs = [(cfg, n, k, m) for n, k in shapes for m in ms_list for cfg in grid if applies(cfg, m)]
     checks: dict = {}
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for job, err, why in pool.imap_unordered(_compile_and_check, jobs):
@@ -151,6 +212,8 @@ def main() -> None:
     ]
     records = []
     for n, k in shapes:
+        from qwantize_hf import dequantize_mxfp4
+
         w, packed, scales, _ = weights_for(n, k)
         q_bytes = packed.numel() + scales.numel()
         copies = max(1, math.ceil(ROTATE_BYTES / q_bytes))
@@ -159,30 +222,31 @@ def main() -> None:
         for m in ms_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = bench(lambda x=x, wl=ws: [F.linear(x, wc) for wc in wl], len(ws))
+            t_deq = bench(
+                lambda x=x, qc=qs: [F.linear(x, dequantize_mxfp4(p, s, dtype=x.dtype)) for p, s in qc], copies
+            )
             rows = []
             for cfg_t in grid:
+                if not applies(cfg_t, m):
+                    continue
                 err, why = checks[(cfg_t, n, k, m)]
                 if err is None:
                     continue
                 config = make_config(*cfg_t)
-                work = kmm.split_k_workspace(m, n, (config,), x.device)
-                t = bench(
-                    lambda x=x, c=config, ws_=work, qc=qs: [
-                        kmm.mxfp4_matmul_triton(x, p, s, None, 32, config=c, workspace=ws_) for p, s in qc
-                    ],
-                    copies,
-                )
+                work = kmm.split_k_workspace(m, n, (config,), x.device) if config is not None else None
+                t = bench(lambda x=x, c=cfg_t, ws_=work, qc=qs: [run(c, x, p, s, ws_) for p, s in qc], copies)
                 rows.append((t, cfg_t))
-                records.append({"n": n, "k": k, "m": m, "config": cfg_t, "us": t * 1e3, "bf16_us": t_bf16 * 1e3})
+                records.append(
+                    {"n": n, "k": k, "m": m, "config": cfg_t, "us": t * 1e3}
+                    | {"bf16_us": t_bf16 * 1e3, "deq_us": t_deq * 1e3}
+                )
             rows.sort()
             first_line = len(lines)
             best_t, best_cfg = rows[0]
-            best = make_config(*best_cfg)
-            t_call = bench(
-                lambda x=x, c=best, qc=qs: [kmm.mxfp4_matmul_triton(x, p, s, None, 32, config=c) for p, s in qc], copies
-            )
+            t_call = bench(lambda x=x, c=best_cfg, qc=qs: [run(c, x, p, s) for p, s in qc], copies)
             lines.append(
-                f"## {n}x{k}, M={m}: bf16 F.linear {t_bf16 * 1e3:.1f} us; best kernel {best_t * 1e3:.1f} us "
+                f"## {n}x{k}, M={m}: bf16 F.linear {t_bf16 * 1e3:.1f} us; dequantize + F.linear {t_deq * 1e3:.1f} us "
+                f"({t_bf16 / t_deq:.2f}x); best kernel {best_t * 1e3:.1f} us "
                 f"({t_bf16 / best_t:.2f}x bf16, {q_bytes / (best_t * 1e-3) / 1e9:.0f} GB/s of weight read); "
                 f"whole call with a fresh workspace {t_call * 1e3:.1f} us ({t_bf16 / t_call:.2f}x)"
             )
@@ -202,6 +266,9 @@ def main() -> None:
                 )
             lines.append("")
             print("\n".join(lines[first_line:]), flush=True)
+            if args.out:  # so far, in case the run is cut short
+                with open(args.out, "w") as fh:
+                    fh.write("\n".join(lines) + "\n")
         del qs, ws
         torch.cuda.empty_cache()
     skipped = sorted({(job[0], why) for job, (err, why) in checks.items() if err is None})
