@@ -1,10 +1,11 @@
 """Benchmark the fused MXFP4 matmul against bf16 F.linear and dequantize-then-F.linear (GPU only).
 
 For Llama-3-8B-shaped layers (N x K) and M rows of activations, in one run:
-the fused kernel (``mxfp4_matmul_triton``: for M <= 16 the fastest of the CUDA-core,
-warp-MMA and tensor-core decode configs, prefill configs above), bf16 ``F.linear`` (cuBLAS), and ``dequantize_mxfp4`` +
-``F.linear``. ``mxfp4_linear`` (what MXFP4Linear runs) takes the fused kernel for
-M <= 16 and dequantize + F.linear above. Every candidate is checked first against a
+``mxfp4_matmul_triton`` with its dispatch (for M <= 16 the fastest of the CUDA-core,
+warp-MMA and tensor-core decode configs; above, of the tensor-core batch configs up to
+M = 512, the prefill configs and dequantize + cuBLAS), bf16 ``F.linear`` (cuBLAS), and
+``dequantize_mxfp4`` + ``F.linear``. ``mxfp4_linear`` (what MXFP4Linear runs) takes the
+dispatch at every M. Every candidate is checked first against a
 float32 matmul of the exact dequantized weight on fresh random inputs per shape and M
 (relative Frobenius error of the output, and each output feature's error over the size
 of its terms: see ``errors``), then timed as CUDA-graph replays (``do_bench_cudagraph``,
@@ -43,7 +44,7 @@ from qwantize_hf.evaluation.gpu_bench import (
 from qwantize_hf.kernels import matmul_dispatch as kmm
 from qwantize_hf.linear_op import mxfp4_linear
 
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
 def copy_bandwidth() -> float:

@@ -124,13 +124,8 @@ def _mxfp4_linear_cuda(
     if x.dtype not in _KERNEL_DTYPES:
         # float32 activations would run the kernel's dot in tf32; the twin keeps them exact.
         return _reference(x, packed, scales, bias, block_size)
-    from qwantize_hf.kernels.matmul_dispatch import DECODE_MAX_M
-
-    rows = x.shape[-2] if packed.ndim > 2 else x.shape[:-1].numel()  # rows per weight
-    if rows > DECODE_MAX_M:
-        # Above the decode sizes, dequantize + cuBLAS is faster than the fused prefill
-        # kernel on the H100 at M >= 256 (eval/results/bench_matmul_h100.md; M = 64 is mixed).
-        return _reference(x, packed, scales, bias, block_size)
+    # Every M takes the dispatch, whose candidates above 16 rows include dequantize + cuBLAS
+    # (what wins where the product is compute-bound: eval/results/bench_matmul_h100.md).
     if packed.ndim > 2:
         return _each_weight(_fused, x, packed, scales, bias, block_size)  # one fused call per weight
     return _fused(x, packed, scales, bias, block_size)

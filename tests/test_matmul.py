@@ -52,6 +52,10 @@ CPU_CONFIGS = {
     "mma-tiles": mma_config(2, 1, 1),
     "mma-splitk": mma_config(1, 2, 3),
     "mma-x-late": mma_config(2, 2, 1, x_ahead=False),  # x loaded in the step that uses it
+    # A batch config's layout (32-row tiles of x, the weight the register operand, K split).
+    "batch-splitk": tiled_config(32, 32, 128, 2, True, True, True, 4, 1),
+    # The dequantize + cuBLAS candidate (Triton dequantize kernel, then torch.mm/addmm).
+    "dequantize": dispatch.DEQUANTIZE_CONFIG,
 }
 # (M, N, K, dtype, bias, block_size): K not a multiple of any BLOCK_K, N odd, M = 1,
 # M not a power of two, fp16, block size 16.
@@ -180,7 +184,9 @@ def test_mma_two_token_groups(name):
 def test_dispatch_candidates(monkeypatch):
     """Which kernels compete for a shape: the CUDA-core kernel at M = 1, the warp-MMA kernel up to
     M = 16 for bf16 x on GPUs with mma.sync, the tensor-core decode configs up to M = 16 where
-    the CUDA-core kernel cannot go, prefill configs above; K % 32 != 0 rules out both register kernels."""
+    the CUDA-core kernel cannot go; above, the batch configs whose row tile suits M (up to
+    BATCH_MAX_M), the prefill configs and dequantize + cuBLAS, in that order; K % 32 != 0 rules
+    out both register kernels."""
     monkeypatch.setattr(dispatch, "inline_ptx_allowed", lambda device, capability: True)
     bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
     candidates = dispatch.candidate_configs
@@ -189,7 +195,12 @@ def test_dispatch_candidates(monkeypatch):
     assert candidates(1, 48, bf16) == dispatch.DECODE_CONFIGS
     assert candidates(16, 64, bf16) == dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS
     assert candidates(16, 64, fp16) == dispatch.DECODE_CONFIGS
-    assert candidates(17, 64, bf16) == dispatch.PREFILL_CONFIGS
+    tail = dispatch.PREFILL_CONFIGS + (dispatch.DEQUANTIZE_CONFIG,)
+    for m, rows in ((17, {32}), (32, {32}), (33, {32, 64}), (100, {64, 128}), (512, {64, 128}), (513, set())):
+        batch = tuple(c for c in dispatch.BATCH_CONFIGS if c.kwargs["BLOCK_M"] in rows)
+        assert candidates(m, 64, bf16) == batch + tail, m
+        assert candidates(m, 48, fp16) == batch + tail, m
+    assert all(any(dispatch.batch_fits(c, m) for m in range(17, 513)) for c in dispatch.BATCH_CONFIGS)
     monkeypatch.setattr(dispatch, "inline_ptx_allowed", lambda device, capability: False)  # no PTX: no mma.sync
     assert candidates(4, 64, bf16) == dispatch.DECODE_CONFIGS
 
@@ -374,7 +385,13 @@ def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
         )
 
     rng = random.Random(0)
-    configs = dispatch.GEMV_CONFIGS + dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS + dispatch.PREFILL_CONFIGS
+    configs = (
+        dispatch.GEMV_CONFIGS
+        + dispatch.MMA_CONFIGS
+        + dispatch.DECODE_CONFIGS
+        + dispatch.BATCH_CONFIGS
+        + dispatch.PREFILL_CONFIGS
+    )
     seen, keys = {}, set()
     for _ in range(150):
         m, n, k = rng.choice([1, 2, 3, 16]), rng.choice([16, 17, 32]), rng.choice([64, 96])
@@ -492,6 +509,37 @@ def test_gpu_every_shipped_mma_config(config):
         ref = reference(x, packed, scales, bias, block_size)[:, keep].double()  # norms of ~1e33 outputs: float64
         err = ((out[:, keep].double() - ref).norm(dim=0) / ref.norm(dim=0)).max()
         assert err < MAX_REL_ERR, (m, block_size, float(err))
+
+
+@gpu
+@pytest.mark.parametrize("config", dispatch.BATCH_CONFIGS + dispatch.PREFILL_CONFIGS + (dispatch.DEQUANTIZE_CONFIG,))
+def test_gpu_every_shipped_config_above_16_rows(config):
+    """Every shipped config for M > 16, compiled: M not a multiple of its row tile, odd N, K not
+    a multiple of its BLOCK_K, bf16 and fp16, block size 16, scale byte 0 and a NaN scale."""
+    for m, dtype, block_size in ((17, torch.bfloat16, 32), (45, torch.float16, 32), (130, torch.bfloat16, 16)):
+        x, packed, scales, bias = make_inputs(m, 1031, 1184, dtype, True, block_size, seed=m, device="cuda")
+        scales[3] = 0
+        scales[5, 4] = E8M0_NAN
+        out = mxfp4_matmul_triton(x, packed, scales, bias, block_size, config=config).cpu()
+        assert torch.isnan(out[:, 5]).all()
+        keep = torch.arange(1031) != 5
+        assert rel_err(out[:, keep], reference(x, packed, scales, bias, block_size)[:, keep]) < MAX_REL_ERR
+
+
+@gpu
+def test_gpu_capture_of_an_unchosen_batch_shape_runs_dequantize():
+    """A first call above 16 rows inside CUDA-graph capture cannot time candidates: it runs
+    dequantize + cuBLAS, chooses nothing, and the next call outside capture chooses."""
+    x, packed, scales, bias = make_inputs(48, 1040, 512, torch.bfloat16, True, 32, seed=12, device="cuda")
+    dispatch.set_chosen_config(x, packed, scales, bias, 32, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = mxfp4_linear(x, packed, scales, bias)
+    graph.replay()
+    assert rel_err(static_out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+    assert dispatch.chosen_config(x, packed, scales, bias, 32) is None
+    mxfp4_linear(x, packed, scales, bias)
+    assert dispatch.chosen_config(x, packed, scales, bias, 32) is not None
 
 
 @gpu

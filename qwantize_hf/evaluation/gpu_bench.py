@@ -81,6 +81,8 @@ def chosen_config(m: int, n: int, k: int, x: torch.Tensor) -> str:
         return "gemv " + "/".join(str(config.kwargs[key]) for key in ("BLOCK_N", "BLOCK_W", "SPLIT_K"))
     if kmm.kernel_family(config) == "mma":
         return "mma " + "/".join(str(config.kwargs[key]) for key in ("TILES", "WARPS", "SPLIT_K", "X_AHEAD"))
+    if kmm.kernel_family(config) == "dequantize":
+        return "dequantize + cuBLAS"
     return "/".join(str(config.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
 
 

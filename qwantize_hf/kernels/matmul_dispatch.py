@@ -1,13 +1,16 @@
-"""Which fused MXFP4 matmul kernel runs a call, and its launch: ``mxfp4_matmul_triton``.
+"""Which MXFP4 matmul kernel runs a call, and its launch: ``mxfp4_matmul_triton``.
 
 Three kernel families compute ``y = x @ dequant(W).T (+ bias)`` straight from packed codes
 and scale bytes (their torch twin: ``dequantize_blocks_torch`` followed by ``F.linear``):
 ``matmul_gemv`` (one row of x on the CUDA cores), ``matmul_mma`` (up to 16 rows of bf16 x
-through warp-level mma.sync) and ``matmul_tiled`` (``tl.dot``: decode and prefill configs).
-The dispatch times every config that can take a shape once, on its first call, and keeps
-the fastest (eval/results/bench_matmul_h100.md); a later call with the same launch key
-starts that compiled kernel directly (``RememberedLaunch``). This module decides and
-launches; the kernels never import it, and it never holds tensor math of its own.
+through warp-level mma.sync) and ``matmul_tiled`` (``tl.dot``: decode, batch and prefill
+configs). Above 16 rows a fourth candidate competes with them: ``DEQUANTIZE_CONFIG``, the
+weight dequantized by the Triton kernel of ``kernels.dequantize`` into a temporary and
+multiplied by cuBLAS, which wins where the product is compute-bound. The dispatch times
+every config that can take a shape once, on its first call, and keeps the fastest
+(eval/results/bench_matmul_h100.md); a later call with the same launch key starts that
+compiled kernel directly (``RememberedLaunch``). This module decides and launches; the
+kernels never import it, and it never holds tensor math of its own.
 
 Public, for the custom op, tests and eval scripts (everything else here is private):
 
@@ -15,7 +18,8 @@ Public, for the custom op, tests and eval scripts (everything else here is priva
   ``workspace`` a preallocated split-K workspace.
 - ``split_k_workspace``: float32 partials and zeroed counters for split-K launches.
 - ``candidate_configs(m, k, x)``: the configs of every kernel that may take an [m, k] x.
-- ``kernel_family(config)``: "gemv", "mma" or "tiled", the kernel a config is for.
+- ``kernel_family(config)``: "gemv", "mma", "tiled" or "dequantize", the kernel a config is for.
+- ``DEQUANTIZE_CONFIG``: the dequantize + cuBLAS candidate.
 - ``chosen_config`` / ``set_chosen_config``: the dispatch's remembered choice for a call's
   operands (None: not chosen yet), and forcing or dropping it.
 - ``clear_dispatch_cache()``: forget every choice and remembered launch.
@@ -25,8 +29,8 @@ Public, for the custom op, tests and eval scripts (everything else here is priva
 - ``x_with_aligned_rows``: x as the register kernels read it (rows 16-byte aligned).
 - Re-exported from the family modules: the config constructors ``gemv_config``,
   ``mma_config``, ``tiled_config``, the tables ``GEMV_CONFIGS``, ``MMA_CONFIGS``,
-  ``DECODE_CONFIGS``, ``PREFILL_CONFIGS``, ``gemv_fits`` and the row limits
-  ``GEMV_MAX_M``, ``MMA_MAX_M``, ``DECODE_MAX_M``, ``DECODE_BLOCK_M``.
+  ``DECODE_CONFIGS``, ``BATCH_CONFIGS``, ``PREFILL_CONFIGS``, ``gemv_fits``, ``batch_fits`` and
+  the row limits ``GEMV_MAX_M``, ``MMA_MAX_M``, ``DECODE_MAX_M``, ``DECODE_BLOCK_M``, ``BATCH_MAX_M``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import triton
 
 from qwantize_hf.backend import inline_ptx_allowed, interpreting
 from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.kernels.dequantize import dequantize_triton
 from qwantize_hf.kernels.matmul_gemv import (
     GEMV_CONFIGS,
     GEMV_K_MULTIPLE,
@@ -55,25 +60,32 @@ from qwantize_hf.kernels.matmul_mma import (
     mma_launch,
 )
 from qwantize_hf.kernels.matmul_tiled import (
+    BATCH_CONFIGS,
+    BATCH_MAX_M,
     DECODE_BLOCK_M,
     DECODE_CONFIGS,
     DECODE_MAX_M,
     PREFILL_CONFIGS,
+    batch_fits,
     tiled_config,
     tiled_launch,
 )
 from qwantize_hf.kernels.mx_decode import CODES_PER_WORD
 
 __all__ = [
+    "BATCH_CONFIGS",
+    "BATCH_MAX_M",
     "DECODE_BLOCK_M",
     "DECODE_CONFIGS",
     "DECODE_MAX_M",
+    "DEQUANTIZE_CONFIG",
     "GEMV_CONFIGS",
     "GEMV_MAX_M",
     "MMA_CONFIGS",
     "MMA_MAX_M",
     "PREFILL_CONFIGS",
     "RememberedLaunch",
+    "batch_fits",
     "candidate_configs",
     "chosen_config",
     "clear_dispatch_cache",
@@ -96,9 +108,15 @@ __all__ = [
 _ALIGN = 16
 _WORD_CODES = CODES_PER_WORD.value
 
+# Not a Triton kernel's config: the weight dequantized into a temporary of x's dtype, then cuBLAS.
+DEQUANTIZE_CONFIG = triton.Config({"DEQUANTIZE": True, "SPLIT_K": 1})
+
 
 def kernel_family(config: triton.Config) -> str:
-    """The kernel ``config`` is for: "gemv" (``matmul_gemv``), "mma" (``matmul_mma``) or "tiled" (``matmul_tiled``)."""
+    """The kernel ``config`` is for: "gemv" (``matmul_gemv``), "mma" (``matmul_mma``), "tiled"
+    (``matmul_tiled``) or "dequantize" (``DEQUANTIZE_CONFIG``)."""
+    if config.kwargs.get("DEQUANTIZE"):
+        return "dequantize"
     if is_gemv_config(config):
         return "gemv"
     if is_mma_config(config):
@@ -111,6 +129,8 @@ def _output_tiles(m: int, n: int, config: triton.Config) -> int:
     if is_mma_config(config):
         tiles_n, _, tiles_m = mma_grid(config, m, n)
         return tiles_m * tiles_n
+    if kernel_family(config) == "dequantize":
+        return 0
     # A GEMV config's tiles are one row of x high.
     return triton.cdiv(m, config.kwargs.get("BLOCK_M", 1)) * triton.cdiv(n, config.kwargs["BLOCK_N"])
 
@@ -230,6 +250,11 @@ def _dispatch(operands) -> triton.Config:
     key = _choice_key(x, packed, bias, block_size)
     config = _CHOSEN.get(key)
     if config is None:
+        if x.shape[0] > DECODE_MAX_M and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # No timing inside a CUDA graph's capture. Above the decode sizes the dequantize +
+            # cuBLAS candidate needs no choice and compiles nothing: the graph runs it, and the
+            # choice waits for a call outside capture (decode sizes refuse instead, in _choose).
+            return DEQUANTIZE_CONFIG
         config = _CHOSEN[key] = _choose(operands)
     return config
 
@@ -282,7 +307,8 @@ def candidate_configs(m: int, k: int, x: torch.Tensor) -> tuple[triton.Config, .
         return GEMV_CONFIGS + (MMA_CONFIGS if mma else ())
     if m <= DECODE_MAX_M:
         return (MMA_CONFIGS if mma else ()) + DECODE_CONFIGS
-    return PREFILL_CONFIGS
+    # The fused kernels first: under the interpreter the first candidate runs, untimed.
+    return tuple(c for c in BATCH_CONFIGS if batch_fits(c, m)) + PREFILL_CONFIGS + (DEQUANTIZE_CONFIG,)
 
 
 _CHOOSE_REPEATS = 40
@@ -355,7 +381,15 @@ def launch(
 ) -> tuple:
     """One launch of ``config`` on ``mxfp4_matmul_triton``'s operands, through Triton's own launch.
     Returns the launch: the kernel, grid, arguments, keyword arguments, and what Triton's
-    launch returned (on a GPU, the compiled kernel)."""
+    launch returned (on a GPU, the compiled kernel); for ``DEQUANTIZE_CONFIG``, which is not
+    one launch, None."""
+    if kernel_family(config) == "dequantize":
+        weight = dequantize_triton(packed, scales, block_size, x.dtype)
+        if bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            torch.addmm(bias.to(x.dtype), x, weight.t(), out=out)
+        return None
     kernel, grid, args, kwargs = launch_args(config, x, packed, scales, bias, out, block_size, workspace)
     return kernel, grid, args, kwargs, kernel[grid](*args, **kwargs)
 

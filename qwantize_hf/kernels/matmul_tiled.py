@@ -12,6 +12,9 @@ Its two launch families share one body and differ only in their configs:
   shared-memory one, so no tensor-core row is wasted on a weight. K is split over several
   programs so that every SM streams weight bytes; the last program of an output tile to
   finish adds the others' fp32 partials (one launch, no atomics on the output, no second kernel).
+- batch (``DECODE_MAX_M`` < M <= ``BATCH_MAX_M``, ``BATCH_CONFIGS``): still memory-bound. The
+  decode layout with 32-128 rows of x a tile and K split, so that a few output tiles still
+  keep every SM streaming weight bytes.
 - prefill (larger M, ``PREFILL_CONFIGS``): compute-bound. 64-256 row tiles, grouped tile
   order for L2 reuse.
 
@@ -43,6 +46,7 @@ from qwantize_hf.kernels.mx_decode import (
 )
 
 DECODE_MAX_M = 16  # rows of x up to which the decode configs are used
+BATCH_MAX_M = 512  # rows of x up to which the batch configs compete too
 DECODE_BLOCK_M = 16  # smallest tl.dot extent; x rows are padded to it
 
 
@@ -191,6 +195,50 @@ def _k_step(
 
 
 @triton.jit
+def tiled_k_loop(
+    acc,
+    x_rows,
+    x_row_ok,
+    w_rows,
+    s_rows,
+    k_begin,
+    k_end,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    W_IS_A: tl.constexpr,
+    WORDS: tl.constexpr,
+    PERMUTE_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``acc`` plus the product of K in [k_begin, k_end): whole BLOCK_K steps, then one masked partial
+    step if K ends inside one (``_k_step`` has the operands). Shared by the dense and grouped kernels."""
+    k_full = k_begin + tl.maximum(k_end - k_begin, 0) // BLOCK_K * BLOCK_K
+    if INTERPRET:
+        # The interpreter cannot take a runtime range() bound (numpy >= 2 refuses int() of
+        # its 1-element scalars); a while loop runs the same steps but is not
+        # software-pipelined, so the GPU build keeps the for loop.
+        k0 = k_begin
+        while k0 < k_full:
+            acc = _k_step(
+                acc, x_rows, x_row_ok, w_rows, s_rows, k0, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, WORDS, PERMUTE_K,
+                False, True,
+            )  # fmt: skip
+            k0 += BLOCK_K
+    else:
+        for k0 in range(k_begin, k_full, BLOCK_K):
+            acc = _k_step(
+                acc, x_rows, x_row_ok, w_rows, s_rows, k0, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, WORDS, PERMUTE_K,
+                False, False,
+            )  # fmt: skip
+    if k_full < k_end:
+        acc = _k_step(
+            acc, x_rows, x_row_ok, w_rows, s_rows, k_full, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, WORDS, PERMUTE_K,
+            True, INTERPRET,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _mxfp4_matmul_kernel(
     x_ptr,
     packed_ptr,
@@ -250,7 +298,6 @@ def _mxfp4_matmul_kernel(
     steps_per_split = tl.cdiv(steps, SPLIT_K)
     k_begin = pid_k * steps_per_split * BLOCK_K
     k_end = min(K, k_begin + steps_per_split * BLOCK_K)
-    k_full = k_begin + tl.maximum(k_end - k_begin, 0) // BLOCK_K * BLOCK_K
 
     x_rows = x_ptr + rows_m[:, None] * stride_xm
     s_rows = scales_ptr + rows_n[:, None] * blocks_k
@@ -263,40 +310,9 @@ def _mxfp4_matmul_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if INTERPRET:
-        # The interpreter cannot take a runtime range() bound (numpy >= 2 refuses int() of
-        # its 1-element scalars); a while loop runs the same steps but is not
-        # software-pipelined, so the GPU build keeps the for loop.
-        k0 = k_begin
-        while k0 < k_full:
-            acc = _k_step(
-                acc, x_rows, m_ok, w_rows, s_rows, k0, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, USE_WORDS, PERMUTE_K,
-                False, True,
-            )  # fmt: skip
-            k0 += BLOCK_K
-    else:
-        for k0 in range(k_begin, k_full, BLOCK_K):
-            acc = _k_step(
-                acc, x_rows, m_ok, w_rows, s_rows, k0, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, USE_WORDS, PERMUTE_K,
-                False, False,
-            )  # fmt: skip
-    if k_full < k_end:
-        acc = _k_step(
-            acc,
-            x_rows,
-            m_ok,
-            w_rows,
-            s_rows,
-            k_full,
-            k_end,
-            BLOCK_K,
-            BLOCK_SIZE,
-            W_IS_A,
-            USE_WORDS,
-            PERMUTE_K,
-            True,
-            INTERPRET,
-        )
+    acc = tiled_k_loop(
+        acc, x_rows, m_ok, w_rows, s_rows, k_begin, k_end, BLOCK_K, BLOCK_SIZE, W_IS_A, USE_WORDS, PERMUTE_K, INTERPRET
+    )
 
     offs_m64 = offs_m.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
@@ -374,6 +390,16 @@ DECODE_CONFIGS = (
     tiled_config(DECODE_BLOCK_M, 64, 256, 1, True, True, True, 4, 3),
     tiled_config(DECODE_BLOCK_M, 128, 256, 1, True, True, True, 8, 3),
 )
+# Each competes where its BLOCK_M is half to all of M's power-of-two bucket (``batch_fits``).
+BATCH_CONFIGS = (
+    tiled_config(32, 64, 256, 4, True, True, True, 4, 3),
+    tiled_config(32, 128, 128, 4, True, True, True, 8, 4),
+    tiled_config(64, 64, 256, 2, True, True, True, 4, 3),
+    tiled_config(64, 128, 128, 4, True, True, True, 8, 3),
+    tiled_config(64, 128, 128, 1, True, True, True, 8, 3),
+    tiled_config(128, 128, 128, 2, True, True, True, 8, 3),
+    tiled_config(128, 128, 128, 1, True, True, True, 8, 3),
+)
 PREFILL_CONFIGS = (
     # The weight as the register operand of wgmma: its dequantization overlaps the previous
     # step's asynchronous matrix product instead of waiting for a shared-memory buffer.
@@ -381,6 +407,14 @@ PREFILL_CONFIGS = (
     tiled_config(128, 128, 128, 1, True, True, True, 8, 3, group_n=8),
     tiled_config(256, 128, 64, 1, False, True, False, 8, 3, group_n=8),
 )
+
+
+def batch_fits(config: triton.Config, m: int) -> bool:
+    """Whether batch config ``config`` competes for M = ``m``: its BLOCK_M is half to all of M's
+    power-of-two bucket (capped at 128), so a tile wastes at most half its rows and M's few
+    row tiles leave the weight read about once."""
+    bucket = min(1 << max(m - 1, 0).bit_length(), 128)
+    return DECODE_MAX_M < m <= BATCH_MAX_M and bucket // 2 <= config.kwargs["BLOCK_M"] <= bucket
 
 
 def tiled_launch(config: triton.Config, m: int, n: int) -> tuple:
