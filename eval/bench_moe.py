@@ -9,8 +9,9 @@ so that the experts a call reads are not the ones the call before left in L2. Ea
 first against a fake-quant reference (the bf16 module holding the dequantized MXFP4 weights, eager).
 Times are medians over the pool: of CUDA-graph replays where the variant captures (one graph per
 routing), else of eager calls (host time included, marked). ``ours (auto)`` is what a model runs
-(``experts_forward``: the routed kernel up to ``experts.GATHER_PAIRS`` pairs, the per-expert loop
-above); ``routed`` and ``loop`` force each path.
+(``experts_forward``: on CUDA the routed op, whose routed CUDA-core kernel takes up to
+``routed_op.gemv_pairs`` pairs and the grouped kernel more; on CPU the per-expert loop above 16 pairs);
+``routed-gemv``, ``grouped`` and ``loop`` force each path.
 
     python eval/bench_moe.py --out eval/results/bench_moe_h100.md
     python eval/bench_moe.py --device cpu --small       # a check of the script itself, no timing worth reading
@@ -27,7 +28,7 @@ import torch
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from qwantize_hf import dequantize_mxfp4
+from qwantize_hf import dequantize_mxfp4, routed_op
 from qwantize_hf import experts as ex
 
 SHAPES = {
@@ -81,9 +82,25 @@ def variants(module, quantized) -> dict:
 
     out = {f"bf16 {name}": bf16(name) for name in BF16_IMPLEMENTATIONS if name == "eager" or name in _registered()}
     out["ours (auto)"] = lambda *args: quantized(*args)
-    out["ours routed"] = lambda *args: ex._gathered(quantized, *args)
+    out["ours routed-gemv"] = _forced(quantized, gemv_pairs=10**9)
+    out["ours grouped"] = _forced(quantized, gemv_pairs=0)
     out["ours loop"] = lambda *args: ex._looped(quantized, *args)
     return out
+
+
+def _forced(quantized, gemv_pairs: int):
+    """The routed calls with the routed op's CUDA path forced: every count to the routed CUDA-core kernel
+    (``gemv_pairs`` huge) or to the grouped kernel (0). Set around each call, so a captured graph holds it."""
+
+    def run(*args):
+        saved = routed_op.GEMV_MAX_PAIRS, routed_op.GEMV_PAIRS_PER_EXPERT
+        routed_op.GEMV_MAX_PAIRS = routed_op.GEMV_PAIRS_PER_EXPERT = gemv_pairs
+        try:
+            return ex._gathered(quantized, *args)
+        finally:
+            routed_op.GEMV_MAX_PAIRS, routed_op.GEMV_PAIRS_PER_EXPERT = saved
+
+    return run
 
 
 def _registered() -> set[str]:
@@ -181,6 +198,13 @@ def main() -> None:
     names = list(runs)
     probe = torch.empty(1, shape["hidden_size"], dtype=torch.bfloat16, device=args.device)
     routed_up_to = ex.gather_pairs(quantized, probe)  # what experts_forward uses on this device
+    if routed_up_to is None:
+        auto = (
+            f"the routed CUDA-core kernel up to {routed_op.gemv_pairs(shape['num_experts'])} (token, expert) "
+            "pairs, the grouped kernel above"
+        )
+    else:
+        auto = f"the routed op's torch twin up to {routed_up_to} (token, expert) pairs, the loop above"
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [
         f"# One MoE experts layer, MXFP4 vs bf16 ({device})",
@@ -193,8 +217,7 @@ def main() -> None:
         f"({mxfp4_bytes / bf16_bytes:.3f}x)",
         f"- Checked first: every `ours` variant against the fake-quant reference, worst relative error {worst:.1e}",
         f"- Milliseconds per call, median; `g`: CUDA-graph replays, `e`: eager calls (host time included). "
-        f"`ours (auto)` takes the routed kernel up to {routed_up_to} "
-        "(token, expert) pairs, the loop above; `bf16 batched_mm` is skipped above "
+        f"`ours (auto)` takes {auto}; `bf16 batched_mm` is skipped above "
         f"{BATCHED_MM_MAX_PAIRS} pairs (it gathers every pair's bf16 weights); the last column compares with "
         "the fastest bf16 implementation, whichever way each was timed",
         "",

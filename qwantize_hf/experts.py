@@ -5,8 +5,9 @@ In transformers 5 the experts of Qwen2/3-MoE, Mixtral, OLMoE, ... are one module
 an experts implementation that ``config._experts_implementation`` names. Quantized, the same module
 holds ``gate_up_proj`` uint8 ``[E, 2I, H/2]`` + ``gate_up_proj_scale`` uint8 ``[E, 2I, H/32]`` and the
 same for ``down_proj`` (blocks along each expert's reduction dimension), and the implementation
-``qwantize_mxfp4`` (``experts_forward``) runs each routed expert's products: a few (token, expert) pairs as
-one ``mxfp4_linear_routed`` call per product, more as ``mxfp4_linear`` calls per expert hit.
+``qwantize_mxfp4`` (``experts_forward``) runs each routed expert's products: on CUDA as one
+``mxfp4_linear_routed`` call per product over all (token, expert) pairs; elsewhere so for a few pairs, and as
+``mxfp4_linear`` calls per expert hit for more.
 
 Checkpoints: transformers saves fused experts per expert (``experts.<e>.gate_proj.weight``, ...) by
 reversing its load-time conversions; the codes follow the weights, and ``record_scale_conversions``
@@ -183,25 +184,23 @@ def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
     )
 
 
-# Up to this many (token, expert) pairs (decode, and batches of a few dozen tokens at top-8), and at most
-# GATHER_PAIRS_PER_EXPERT a routed expert on average, each product is one mxfp4_linear_routed call over every
-# pair, which reads each pair's expert where it lies: no host synchronisation, so torch.compile(fullgraph=True)
-# and CUDA graphs take the step. The cap per expert bounds how often one expert's bytes are re-read (a layer of
-# few experts, such as Mixtral's 8, reaches it at a few tokens). Above it (prefill), each routed expert runs
-# once on all of its tokens (a host sync, and two calls per expert). Where the routed kernel does not run (CPU,
-# float32 activations), its torch twin dequantizes one expert per pair, so TWIN_GATHER_PAIRS bounds it.
-# eval/bench_moe.py times both paths at each size.
-GATHER_PAIRS = 256
-GATHER_PAIRS_PER_EXPERT = 2
+# On CUDA, where both products' K fit the kernels (bf16/fp16 activations, K a multiple of 32), every
+# product is one mxfp4_linear_routed call over all (token, expert) pairs: the routed kernel for a few pairs
+# (decode), the grouped kernel for more (prefill; routed_op.gemv_pairs decides). Neither synchronises with
+# the host, so torch.compile(fullgraph=True) and CUDA graphs take the step at any size. Elsewhere (CPU, float32
+# activations) the routed op's torch twin dequantizes one expert per pair, so up to TWIN_GATHER_PAIRS pairs
+# take it, and more loop over the experts hit: each runs once on all of its tokens (a host sync, and two
+# mxfp4_linear calls per expert). eval/bench_moe.py times each path at each size.
 TWIN_GATHER_PAIRS = 16
 
 
-def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int:
-    """How many (token, expert) pairs ``experts_forward`` runs as routed calls for this module and input."""
+def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int | None:
+    """Up to how many (token, expert) pairs ``experts_forward`` runs as routed calls for this module and
+    input (None: every count)."""
     down_k = module.down_proj.shape[-1] * F4_CODES_PER_BYTE  # codes [E, N, K/2]: down's reduction length
     dtype = hidden_states.dtype
     if hidden_states.is_cuda and routed_fits(dtype, hidden_states.shape[-1]) and routed_fits(dtype, down_k):
-        return min(GATHER_PAIRS, GATHER_PAIRS_PER_EXPERT * module.num_experts)
+        return None
     return TWIN_GATHER_PAIRS
 
 
@@ -210,9 +209,11 @@ def experts_forward(
 ) -> torch.Tensor:
     """The experts implementation ``qwantize_mxfp4``: each routed expert's ``gate_up``, the module's gate and
     ``down``, each an ``mxfp4_linear`` on that expert's codes and scales, weighted by the router and summed
-    per token. A few pairs (decode) run as one routed call per product; more loop over the experts hit, in the
-    order of transformers' eager loop."""
-    if top_k_index.numel() <= gather_pairs(self, hidden_states):
+    per token. On CUDA every pair count runs as one routed call per product (``mxfp4_linear_routed``: the
+    routed kernel for a few pairs, the grouped kernel for more); elsewhere a few pairs do, and more loop
+    over the experts hit, in the order of transformers' eager loop (``gather_pairs``)."""
+    limit = gather_pairs(self, hidden_states)
+    if limit is None or top_k_index.numel() <= limit:
         return _gathered(self, hidden_states, top_k_index, top_k_weights)
     return _looped(self, hidden_states, top_k_index, top_k_weights)
 
@@ -259,8 +260,8 @@ def _gathered(
 ) -> torch.Tensor:
     tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
-    valid = flat < self.num_experts  # expert-parallel sentinels add nothing
-    ids = flat.clamp(max=self.num_experts - 1)
+    valid = (flat >= 0) & (flat < self.num_experts)  # expert-parallel sentinels add nothing
+    ids = flat.clamp(0, self.num_experts - 1)
     state = hidden_states.repeat_interleave(top_k, dim=0)  # [pairs, H]: each pair's row, its expert's codes
     biases = {p: getattr(self, p + "_bias", None) if getattr(self, "has_bias", False) else None for p in PROJECTIONS}
     block_size = self.mxfp4_block_size
@@ -373,8 +374,6 @@ __all__ = [
     "gated",
     "install",
     "quantize_float",
-    "GATHER_PAIRS",
-    "GATHER_PAIRS_PER_EXPERT",
     "TWIN_GATHER_PAIRS",
     "gather_pairs",
     "experts_forward",

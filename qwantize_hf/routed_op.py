@@ -5,8 +5,10 @@ own expert's MXFP4 weight, in one call that reads the routed experts' bytes wher
 bias [E, N] | None, block_size) -> [P, N]`` has, like ``mxfp4_linear``:
 
 - a fake implementation (``torch.compile(fullgraph=True)`` and CUDA graphs take it as one call);
-- a CUDA implementation: the routed CUDA-core kernel (``kernels.matmul_routed``) for bf16/fp16 x with
-  K a multiple of 32, else the torch twin;
+- a CUDA implementation for bf16/fp16 x with K a multiple of 32: a few pairs (``gemv_pairs``) run the
+  routed CUDA-core kernel (``kernels.matmul_routed``: each pair reads its expert's bytes), more the grouped
+  tensor-core kernel (``kernels.matmul_grouped``: pairs sorted by expert, each expert read once per row
+  tile of its pairs); other x the torch twin;
 - a CPU implementation, the torch twin (``routed_reference``: each pair's expert dequantized and
   ``F.linear``);
 - autograd for x and the bias (the codes and scales are frozen integers).
@@ -26,6 +28,16 @@ from qwantize_hf.ops import dequantize_mxfp4
 
 # K a multiple of this for the routed kernel (its CUDA-core body reads K in groups of 32 codes)
 _KERNEL_K_MULTIPLE = 32
+# Up to this many pairs, and at most GEMV_PAIRS_PER_EXPERT pairs an expert on average, the routed CUDA-core
+# kernel runs (one expert's bytes read per pair: decode, where most experts get one pair); above, the grouped
+# kernel, which reads each expert's bytes once per row tile of its pairs. eval/bench_moe.py times both.
+GEMV_MAX_PAIRS = 256
+GEMV_PAIRS_PER_EXPERT = 2
+
+
+def gemv_pairs(experts: int) -> int:
+    """Pairs up to which the CUDA implementation runs the routed CUDA-core kernel, for a stack of ``experts``."""
+    return min(GEMV_MAX_PAIRS, GEMV_PAIRS_PER_EXPERT * experts)
 
 
 def routed_fits(dtype: torch.dtype, k: int) -> bool:
@@ -126,7 +138,11 @@ def _routed_cuda(
     check_routed_args(x, experts, packed, scales, bias, block_size)
     if not routed_fits(x.dtype, x.shape[-1]):
         return routed_reference(x, experts, packed, scales, bias, block_size)
-    from qwantize_hf.kernels.matmul_routed import routed_gemv  # Triton: imported where a GPU kernel runs
+    if x.shape[0] > gemv_pairs(packed.shape[0]):
+        from qwantize_hf.kernels.matmul_grouped import grouped_matmul  # Triton: imported where a GPU kernel runs
+
+        return grouped_matmul(x, experts, packed, scales, bias, block_size)
+    from qwantize_hf.kernels.matmul_routed import routed_gemv
 
     return routed_gemv(x, experts, packed, scales, bias, block_size)
 
@@ -203,8 +219,8 @@ def mxfp4_linear_routed(
 ) -> torch.Tensor:
     """``out[p] = x[p] @ W[experts[p]].T + bias[experts[p]]`` for a stack of MXFP4 expert weights
     ``packed [E, N, K/2]``, ``scales [E, N, K/block_size]`` (``bias [E, N]``): ``x [P, K]`` -> ``[P, N]``.
-    On CUDA with bf16/fp16 x, one launch of the routed kernel; elsewhere each pair's expert dequantized
-    and ``F.linear``."""
+    On CUDA with bf16/fp16 x, one launch of the routed kernel (a few pairs) or the grouped kernel (more);
+    elsewhere each pair's expert dequantized and ``F.linear``."""
     if plain_eager_call(x, packed, scales, bias):
         # the op's own implementation without the dispatcher's host time, as mxfp4_linear does
         impl = _routed_cuda if x.device.type == "cuda" else _routed_default
@@ -212,4 +228,4 @@ def mxfp4_linear_routed(
     return torch.ops.qwantize_hf.mxfp4_linear_routed(x, experts, packed, scales, bias, block_size)
 
 
-__all__ = ["check_routed_args", "mxfp4_linear_routed", "routed_fits", "routed_reference"]
+__all__ = ["check_routed_args", "gemv_pairs", "mxfp4_linear_routed", "routed_fits", "routed_reference"]
