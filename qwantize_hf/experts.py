@@ -30,7 +30,7 @@ from torch import nn
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.linear_op import mxfp4_linear
 from qwantize_hf.ops import dequantize_mxfp4, quantize_mxfp4
-from qwantize_hf.routed_op import mxfp4_linear_routed, routed_fits
+from qwantize_hf.routed_op import gemv_pairs, mxfp4_linear_routed, routed_fits
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 SCALE_SUFFIX = "_scale"
@@ -187,7 +187,8 @@ def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
 # On CUDA, where both products' K fit the kernels (bf16/fp16 activations, K a multiple of 32), every
 # product is one mxfp4_linear_routed call over all (token, expert) pairs: the routed kernel for a few pairs
 # (decode), the grouped kernel for more (prefill; routed_op.gemv_pairs decides). Neither synchronises with
-# the host, so torch.compile(fullgraph=True) and CUDA graphs take the step at any size. Elsewhere (CPU, float32
+# the host, so torch.compile(fullgraph=True) and CUDA graphs take the step at any size. With gradients to
+# the hidden states (training), more pairs than the routed kernel takes loop instead (below). Elsewhere (CPU, float32
 # activations) the routed op's torch twin dequantizes one expert per pair, so up to TWIN_GATHER_PAIRS pairs
 # take it, and more loop over the experts hit: each runs once on all of its tokens (a host sync, and two
 # mxfp4_linear calls per expert). eval/bench_moe.py times each path at each size.
@@ -200,6 +201,9 @@ def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int | None:
     down_k = module.down_proj.shape[-1] * F4_CODES_PER_BYTE  # codes [E, N, K/2]: down's reduction length
     dtype = hidden_states.dtype
     if hidden_states.is_cuda and routed_fits(dtype, hidden_states.shape[-1]) and routed_fits(dtype, down_k):
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            # Training: the routed op's backward dequantizes an expert per pair, the loop's one per expert hit.
+            return gemv_pairs(module.num_experts)
         return None
     return TWIN_GATHER_PAIRS
 
