@@ -12,6 +12,7 @@ candidate config once per shape), CUDA graphs and torch.compile on CUDA.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import random
 import subprocess
@@ -196,7 +197,7 @@ def test_dispatch_candidates(monkeypatch):
     assert candidates(16, 64, bf16) == dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS
     assert candidates(16, 64, fp16) == dispatch.DECODE_CONFIGS
     tail = dispatch.PREFILL_CONFIGS + (dispatch.DEQUANTIZE_CONFIG,)
-    for m, rows in ((17, {32}), (32, {32}), (33, {32, 64}), (100, {64, 128}), (512, {64, 128}), (513, set())):
+    for m, rows in ((17, {32}), (32, {32}), (33, {32, 64}), (100, {64, 128}), (512, {128, 256}), (513, set())):
         batch = tuple(c for c in dispatch.BATCH_CONFIGS if c.kwargs["BLOCK_M"] in rows)
         assert candidates(m, 64, bf16) == batch + tail, m
         assert candidates(m, 48, fp16) == batch + tail, m
@@ -602,3 +603,39 @@ def test_gpu_reduce_overhead_compile_in_fresh_process():
         [sys.executable, "-c", _REDUCE_OVERHEAD_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# Compiled in a process of its own: under TRITON_INTERPRET (set for the CPU tests) kernels are not compiled.
+_COMPILE_BATCH_CONFIGS_FOR_HOPPER = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qwantize_hf.kernels.matmul_tiled import BATCH_CONFIGS, _mxfp4_matmul_kernel
+
+results = []
+for config in BATCH_CONFIGS:
+    constants = {**config.kwargs, "HAS_BIAS": True, "BLOCK_SIZE": 32, "INTERPRET": False}
+    signature = {"x_ptr": "*bf16", "packed_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                 "partial_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "half_k": "i32",
+                 "words_k": "i32", "blocks_k": "i32", "stride_xm": "i32", "stride_om": "i32",
+                 **dict.fromkeys(constants, "constexpr")}
+    source = ASTSource(fn=_mxfp4_matmul_kernel, signature=signature, constexprs=constants)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    results.append({"shared": compiled.metadata.shared, "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")})
+print(json.dumps(results))
+"""
+
+
+def test_the_batch_configs_compile_for_hopper():
+    """What the interpreter cannot check: every shipped batch config compiles to a Hopper (sm_90) binary
+    whose products are wgmma instructions, within the H100's 227 KiB of shared memory a block."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_BATCH_CONFIGS_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(dispatch.BATCH_CONFIGS)
+    assert all(r["wgmma"] > 0 and r["shared"] <= 227 * 1024 for r in results), results

@@ -78,10 +78,10 @@ def config_grid(kernels: list[str]) -> list[tuple]:
             grid.append(("mma", tiles, warps, split, warps, x_ahead))
     if "tcm" in kernels:
         tiles = ((64, 128, 4), (64, 256, 4), (128, 128, 8))  # BLOCK_N, BLOCK_K, warps (the decode winners')
-        for block_m, (block_n, block_k, warps) in itertools.product((32, 64, 128), tiles):
-            for split, stages in itertools.product((1, 2, 4, 8), (3, 4)):
-                if block_m == 128 and split == 8:
-                    continue  # 128-row tiles are for M >= 128: enough tiles without splitting K 8 ways
+        for block_m, (block_n, block_k, warps) in itertools.product((32, 64, 128, 256), tiles):
+            for split, stages in itertools.product((1, 2, 4, 8), (2, 3, 4)):
+                if (block_m >= 128 and split == 8) or (stages == 2) != (block_m == 256):
+                    continue  # 128+ row tiles are for M > 64: enough tiles without splitting K 8 ways
                 if stages * (block_n * block_k // 2 + block_m * block_k * 2) <= 200 * 1024:
                     grid.append(("tcm", block_m, block_n, block_k, split, warps, stages))
     if "tc-prefill" in kernels:
@@ -94,7 +94,7 @@ def config_grid(kernels: list[str]) -> list[tuple]:
 
 def applies(cfg_t: tuple, m: int) -> bool:
     """Whether config ``cfg_t`` is one for M = ``m``: the decode kernels up to their row limits, the
-    larger tiles above 16 rows, each BLOCK_M from half to all of M's power-of-two bucket (up to 128)."""
+    larger tiles above 16 rows, each BLOCK_M from half to all of M's power-of-two bucket (up to 256)."""
     from qwantize_hf.kernels import matmul_dispatch as kmm
 
     kernel = cfg_t[0]
@@ -105,7 +105,7 @@ def applies(cfg_t: tuple, m: int) -> bool:
     if kernel == "tc":
         return m <= kmm.DECODE_MAX_M
     if kernel == "tcm":
-        bucket = min(1 << (m - 1).bit_length(), 128)
+        bucket = min(1 << (m - 1).bit_length(), 256)
         return m > kmm.DECODE_MAX_M and bucket // 2 <= cfg_t[1] <= bucket
     return m > kmm.DECODE_MAX_M
 
