@@ -53,8 +53,9 @@ CPU_CONFIGS = {
     "mma-tiles": mma_config(2, 1, 1),
     "mma-splitk": mma_config(1, 2, 3),
     "mma-x-late": mma_config(2, 2, 1, x_ahead=False),  # x loaded in the step that uses it
-    # A batch config's layout (32-row tiles of x, the weight the register operand, K split).
+    # The batch configs' layout (32- and 256-row tiles of x, the weight the register operand, K split).
     "batch-splitk": tiled_config(32, 32, 128, 2, True, True, True, 4, 1),
+    "batch-256rows-splitk": tiled_config(256, 16, 128, 3, True, True, True, 4, 1),
     # The dequantize + cuBLAS candidate (Triton dequantize kernel, then torch.mm/addmm).
     "dequantize": dispatch.DEQUANTIZE_CONFIG,
 }
