@@ -4,28 +4,16 @@ transformers, and too few new tokens for the loop are refused up front."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from tests.conftest import load_eval_script
 from tests.tiny_models import FAMILIES
 
-
-def _load_script(path: Path) -> types.ModuleType:
-    """Import a script under eval/ (not a package) from its file; its folder is not made importable."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_generate = _load_script(Path(__file__).resolve().parents[1] / "eval" / "bench_generate.py")
+bench_generate = load_eval_script("bench_generate.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,11 @@ timed on a 64x64 weight, every peer gets its one ``skip`` line, and the markdown
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
-from pathlib import Path
 
+from tests.conftest import load_eval_script
 
-def _load_script(path: Path) -> types.ModuleType:
-    """Import a script under eval/ (not a package) from its file; its folder is not made importable."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_peers = _load_script(Path(__file__).resolve().parents[1] / "eval" / "bench_peers.py")
+bench_peers = load_eval_script("bench_peers.py")
 
 
 def test_small_cpu_run_writes_the_tables_and_skips_the_peers(tmp_path, capsys):

@@ -2,27 +2,13 @@
 compiled on a GPU. A config that skipped or repeated bytes would time a different read."""
 
 import functools
-import importlib.util
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import KERNEL_DEVICE, load_eval_script
 
-
-def _load_script(path: Path) -> types.ModuleType:
-    """Import a script under eval/ (not a package) from its file; its folder is not made importable."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-brc = _load_script(Path(__file__).resolve().parents[1] / "eval" / "kernels" / "bench_read_ceiling.py")
+brc = load_eval_script("kernels", "bench_read_ceiling.py")
 
 INTERPRET = KERNEL_DEVICE == "cpu"
 

@@ -7,11 +7,6 @@ shipped config runs through the op, and CUDA graphs and torch.compile take it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,7 +14,7 @@ from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.kernels.matmul_grouped import grouped_config, grouped_matmul
 from qwantize_hf.kernels.matmul_tiled import tiled_config
 from qwantize_hf.routed_op import gemv_pairs, mxfp4_linear_routed
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import KERNEL_DEVICE, compiled_for_hopper
 from tests.test_routed import MAX_REL_ERR, make_inputs, reference, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -78,7 +73,6 @@ def test_op_takes_the_grouped_kernel_above_the_routed_kernels_pairs():
     assert gemv_pairs(128) == 256 and gemv_pairs(8) == 16
 
 
-# Compiled in a process of its own: under TRITON_INTERPRET (set for the CPU tests) kernels are not compiled.
 _COMPILE_FOR_HOPPER = """
 import json, sys
 import triton
@@ -107,13 +101,7 @@ print(json.dumps({"cubin": len(asm["cubin"]), "wgmma": asm["ptx"].count("wgmma.m
 def test_the_shipped_configs_compile_for_hopper(pairs, dtype):
     """What the interpreter cannot check: the kernel compiles to a Hopper (sm_90) binary whose products
     are wgmma instructions, with the configs ``grouped_config`` ships, on any machine."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_HOPPER, str(pairs), dtype], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = compiled_for_hopper(_COMPILE_FOR_HOPPER, str(pairs), dtype)
     assert result["cubin"] > 0 and result["wgmma"] > 0
 
 

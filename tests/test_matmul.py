@@ -12,7 +12,6 @@ candidate config once per shape), CUDA graphs and torch.compile on CUDA.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import random
 import subprocess
@@ -28,7 +27,7 @@ from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.kernels import matmul_dispatch as dispatch
 from qwantize_hf.kernels.matmul_dispatch import gemv_config, mma_config, mxfp4_matmul_triton, tiled_config
 from qwantize_hf.linear_op import mxfp4_linear, plain_eager_call
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import KERNEL_DEVICE, compiled_for_hopper
 
 HAS_CUDA = torch.cuda.is_available()
 MAX_REL_ERR = 1e-2
@@ -606,7 +605,6 @@ def test_gpu_reduce_overhead_compile_in_fresh_process():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-# Compiled in a process of its own: under TRITON_INTERPRET (set for the CPU tests) kernels are not compiled.
 _COMPILE_BATCH_CONFIGS_FOR_HOPPER = """
 import json
 import triton
@@ -632,11 +630,6 @@ print(json.dumps(results))
 def test_the_batch_configs_compile_for_hopper():
     """What the interpreter cannot check: every shipped batch config compiles to a Hopper (sm_90) binary
     whose products are wgmma instructions, within the H100's 227 KiB of shared memory a block."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_BATCH_CONFIGS_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = compiled_for_hopper(_COMPILE_BATCH_CONFIGS_FOR_HOPPER)
     assert len(results) == len(dispatch.BATCH_CONFIGS)
     assert all(r["wgmma"] > 0 and r["shared"] <= 227 * 1024 for r in results), results

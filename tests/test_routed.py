@@ -7,11 +7,6 @@ the shipped configs compile, and CUDA graphs and torch.compile take the op.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,7 +15,7 @@ from qwantize_hf.constants import E8M0_NAN
 from qwantize_hf.kernels.matmul_gemv import gemv_config
 from qwantize_hf.kernels.matmul_routed import routed_config, routed_gemv
 from qwantize_hf.routed_op import mxfp4_linear_routed, routed_reference
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import KERNEL_DEVICE, compiled_for_hopper
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -161,7 +156,6 @@ def test_gpu_cuda_graph_and_compile_take_the_op():
     assert torch.equal(captured, mxfp4_linear_routed(x, ids, packed, scales, bias))
 
 
-# Compiled in a process of its own: under TRITON_INTERPRET (set for the CPU tests) kernels are not compiled.
 _COMPILE_FOR_HOPPER = """
 import json, sys
 import triton
@@ -189,11 +183,5 @@ def test_the_shipped_configs_compile_for_hopper(k, dtype):
     """What the interpreter cannot check: the kernel with its inline-PTX loads and multiplies compiles
     to a Hopper (sm_90) binary with each config ``routed_config`` ships, on any machine (the GPU tests
     run it)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_HOPPER, str(k), dtype], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = compiled_for_hopper(_COMPILE_FOR_HOPPER, str(k), dtype)
     assert result["cubin"] > 0 and result["vector_loads"] > 0
