@@ -3,7 +3,8 @@ the inline-PTX switch, and the choice between the Triton and torch backends.
 
 The tensor ops (``ops.py``) and every kernel module (``kernels/``) ask here; this module
 imports nothing of the package, so it sits below both and no import circle can form. It
-reads the environment on every call (``TRITON_INTERPRET``, ``QWANTIZE_HF_NO_INLINE_PTX``),
+reads the environment on every call (``TRITON_INTERPRET``, ``QWANTIZE_HF_NO_INLINE_PTX``,
+``QWANTIZE_HF_DEQUANTIZE_BATCHES``),
 so kernels that ask per launch see a switch changed after import.
 """
 
@@ -50,6 +51,13 @@ def inline_ptx_enabled() -> bool:
     if interpreting() or torch.version.hip is not None:
         return False
     return os.environ.get("QWANTIZE_HF_NO_INLINE_PTX", "0") != "1"
+
+
+def batch_kernels_enabled() -> bool:
+    """False when QWANTIZE_HF_DEQUANTIZE_BATCHES=1: above 16 rows of activations the matmul then always
+    dequantizes and multiplies by cuBLAS (nothing compiled or timed on a first call, the same rounding in
+    every process), instead of timing the fused batch and prefill kernels against that."""
+    return os.environ.get("QWANTIZE_HF_DEQUANTIZE_BATCHES", "0") != "1"
 
 
 def inline_ptx_allowed(device: torch.device, capability: tuple[int, int]) -> bool:

@@ -193,6 +193,10 @@ def awaits_quantization(module: nn.Module | None, projection: str) -> bool:
 # take it, and more loop over the experts hit: each runs once on all of its tokens (a host sync, and two
 # mxfp4_linear calls per expert). eval/bench_moe.py times each path at each size.
 TWIN_GATHER_PAIRS = 16
+# Tokens a routed call takes at once: its temporaries are [tokens x top_k, H] (the pairs' rows, sorted
+# and unsorted), so a long prompt runs in chunks of this many tokens (each expert still read once per
+# row tile of its pairs in a chunk: 4096 tokens at top-8 over 128 experts is 256 rows an expert).
+GATHER_CHUNK_TOKENS = 4096
 
 
 def gather_pairs(module: nn.Module, hidden_states: torch.Tensor) -> int | None:
@@ -251,7 +255,7 @@ def _looped(
     with torch.no_grad():
         hit = torch.unique(top_k_index).tolist()
     for expert in hit:
-        if expert >= self.num_experts:  # expert-parallel sentinels
+        if not 0 <= expert < self.num_experts:  # expert-parallel sentinels add nothing
             continue
         token, position = torch.where(top_k_index == expert)
         state = _expert(self, hidden_states[token], _tensors(self, expert)) * top_k_weights[token, position, None]
@@ -263,6 +267,13 @@ def _gathered(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     tokens, top_k = top_k_index.shape
+    if tokens > GATHER_CHUNK_TOKENS:  # bounds the [pairs, H] temporaries of a long prompt
+        step = GATHER_CHUNK_TOKENS
+        parts = [
+            _gathered(self, hidden_states[i : i + step], top_k_index[i : i + step], top_k_weights[i : i + step])
+            for i in range(0, tokens, step)
+        ]
+        return torch.cat(parts)
     flat = top_k_index.reshape(-1)
     valid = (flat >= 0) & (flat < self.num_experts)  # expert-parallel sentinels add nothing
     ids = flat.clamp(0, self.num_experts - 1)
@@ -379,6 +390,7 @@ __all__ = [
     "install",
     "quantize_float",
     "TWIN_GATHER_PAIRS",
+    "GATHER_CHUNK_TOKENS",
     "gather_pairs",
     "experts_forward",
     "product_shape",

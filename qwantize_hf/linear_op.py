@@ -5,9 +5,9 @@ The op ``qwantize_hf::mxfp4_linear(x, packed, scales, bias, block_size)`` has
 
 - a fake (meta) implementation, so ``torch.compile`` traces through it without
   graph breaks and CUDA graphs capture it as one opaque call;
-- a CUDA implementation: for bf16/fp16 activations of at most 16 rows (decode), the
-  fused Triton kernels (``qwantize_hf.kernels.matmul_dispatch``), which never write the
-  dequantized weight to memory; for more rows, dequantize + cuBLAS, faster there;
+- a CUDA implementation for bf16/fp16 activations: the dispatch
+  (``qwantize_hf.kernels.matmul_dispatch``), whose fused Triton kernels never write the
+  dequantized weight to memory; above 16 rows dequantize + cuBLAS competes with them;
 - a CPU implementation (also the CUDA one for float32 activations):
   ``dequantize_mxfp4`` + ``F.linear`` in the input dtype, the kernel's torch twin;
 - autograd for the input and the bias (``grad_y @ W``, the weight dequantized again in the

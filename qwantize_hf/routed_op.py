@@ -138,13 +138,15 @@ def _routed_cuda(
     check_routed_args(x, experts, packed, scales, bias, block_size)
     if not routed_fits(x.dtype, x.shape[-1]):
         return routed_reference(x, experts, packed, scales, bias, block_size)
-    if x.shape[0] > gemv_pairs(packed.shape[0]):
-        from qwantize_hf.kernels.matmul_grouped import grouped_matmul  # Triton: imported where a GPU kernel runs
+    # Triton imported where a GPU kernel runs; it launches on the current device, so make it x's.
+    with torch.cuda.device(x.device):
+        if x.shape[0] > gemv_pairs(packed.shape[0]):
+            from qwantize_hf.kernels.matmul_grouped import grouped_matmul
 
-        return grouped_matmul(x, experts, packed, scales, bias, block_size)
-    from qwantize_hf.kernels.matmul_routed import routed_gemv
+            return grouped_matmul(x, experts, packed, scales, bias, block_size)
+        from qwantize_hf.kernels.matmul_routed import routed_gemv
 
-    return routed_gemv(x, experts, packed, scales, bias, block_size)
+        return routed_gemv(x, experts, packed, scales, bias, block_size)
 
 
 @_routed_op.register_fake

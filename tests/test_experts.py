@@ -209,6 +209,27 @@ def test_the_routed_calls_and_the_expert_loop_agree_and_each_runs_where_it_shoul
         assert limit == TWIN_GATHER_PAIRS
 
 
+def test_a_long_input_runs_in_chunks_and_sentinel_ids_add_nothing(loaded_experts, monkeypatch):
+    """The routed calls take GATHER_CHUNK_TOKENS tokens at a time (the same sums as one call), and
+    pairs routed to no expert of this module (ids < 0 or >= E, expert-parallel sentinels) add nothing,
+    in the routed calls and in the loop alike."""
+    from qwantize_hf import experts as ex
+
+    module = loaded_experts["qwen3_moe"]
+    hidden, index, weights = routed(module, 7, seed=3)
+    with torch.no_grad():
+        whole = ex._gathered(module, hidden, index, weights)
+        monkeypatch.setattr(ex, "GATHER_CHUNK_TOKENS", 3)
+        torch.testing.assert_close(ex._gathered(module, hidden, index, weights), whole, atol=0, rtol=0)
+        kept = index.clone()
+        index[0, 1], index[4, 0] = -1, module.num_experts
+        dropped = weights.clone()
+        dropped[0, 1] = dropped[4, 0] = 0
+        expected = ex._gathered(module, hidden, kept, dropped)
+        torch.testing.assert_close(ex._gathered(module, hidden, index, weights), expected)
+        torch.testing.assert_close(ex._looped(module, hidden, index, weights), expected, atol=1e-2, rtol=1e-2)
+
+
 def test_the_decode_path_compiles_as_one_graph(checkpoints):
     module = load(checkpoints["qwen3_moe"], calibration=None).model.layers[0].mlp.experts
     hidden, index, weights = routed(module, 2, seed=1)

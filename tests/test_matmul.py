@@ -197,13 +197,16 @@ def test_dispatch_candidates(monkeypatch):
     assert candidates(16, 64, bf16) == dispatch.MMA_CONFIGS + dispatch.DECODE_CONFIGS
     assert candidates(16, 64, fp16) == dispatch.DECODE_CONFIGS
     tail = dispatch.PREFILL_CONFIGS + (dispatch.DEQUANTIZE_CONFIG,)
-    for m, rows in ((17, {32}), (32, {32}), (33, {32, 64}), (100, {64, 128}), (512, {128, 256}), (513, set())):
+    for m, rows in ((17, {32}), (32, {32}), (33, {32, 64}), (100, {64, 128}), (512, {64, 128}), (513, set())):
         batch = tuple(c for c in dispatch.BATCH_CONFIGS if c.kwargs["BLOCK_M"] in rows)
         assert candidates(m, 64, bf16) == batch + tail, m
         assert candidates(m, 48, fp16) == batch + tail, m
     assert all(any(dispatch.batch_fits(c, m) for m in range(17, 513)) for c in dispatch.BATCH_CONFIGS)
     monkeypatch.setattr(dispatch, "inline_ptx_allowed", lambda device, capability: False)  # no PTX: no mma.sync
     assert candidates(4, 64, bf16) == dispatch.DECODE_CONFIGS
+    monkeypatch.setenv("QWANTIZE_HF_DEQUANTIZE_BATCHES", "1")  # above 16 rows: dequantize + cuBLAS only
+    assert candidates(100, 64, bf16) == (dispatch.DEQUANTIZE_CONFIG,)
+    assert candidates(16, 64, bf16) == dispatch.DECODE_CONFIGS
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's untimed choice")
@@ -525,6 +528,20 @@ def test_gpu_every_shipped_config_above_16_rows(config):
         assert torch.isnan(out[:, 5]).all()
         keep = torch.arange(1031) != 5
         assert rel_err(out[:, keep], reference(x, packed, scales, bias, block_size)[:, keep]) < MAX_REL_ERR
+
+
+@gpu
+def test_gpu_dequantize_forced_at_decode_size_runs_and_is_not_remembered():
+    """``DEQUANTIZE_CONFIG`` is no Triton launch: forced for a decode-size call it runs, and no
+    remembered launch is made of it."""
+    x, packed, scales, bias = make_inputs(4, 1040, 512, torch.bfloat16, True, 32, seed=13, device="cuda")
+    dispatch.clear_dispatch_cache()
+    dispatch.set_chosen_config(x, packed, scales, bias, 32, dispatch.DEQUANTIZE_CONFIG)
+    for _ in range(2):
+        out = mxfp4_matmul_triton(x, packed, scales, bias, 32)
+        assert rel_err(out, reference(x, packed, scales, bias, 32)) < MAX_REL_ERR
+    assert dispatch.remembered_launch(x, packed, scales, bias, 32) is None
+    dispatch.clear_dispatch_cache()
 
 
 @gpu

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from qwantize_hf.backend import inline_ptx_allowed, interpreting
+from qwantize_hf.backend import batch_kernels_enabled, inline_ptx_allowed, interpreting
 from qwantize_hf.constants import F4_CODES_PER_BYTE
 from qwantize_hf.kernels.dequantize import dequantize_triton
 from qwantize_hf.kernels.matmul_gemv import (
@@ -215,7 +215,7 @@ def mxfp4_matmul_triton(
         return out
     config = _dispatch(operands)
     made = launch(config, *operands)
-    if launcher is not None or key not in _LAUNCHERS:
+    if made is not None and (launcher is not None or key not in _LAUNCHERS):  # None: not a Triton launch
         # None under a Triton this was not tested with: never tried again.
         _LAUNCHERS[key] = RememberedLaunch.make(made, config, _choice_key(x, packed, bias, block_size))
     return out
@@ -252,8 +252,9 @@ def _dispatch(operands) -> triton.Config:
     if config is None:
         if x.shape[0] > DECODE_MAX_M and x.is_cuda and torch.cuda.is_current_stream_capturing():
             # No timing inside a CUDA graph's capture. Above the decode sizes the dequantize +
-            # cuBLAS candidate needs no choice and compiles nothing: the graph runs it, and the
-            # choice waits for a call outside capture (decode sizes refuse instead, in _choose).
+            # cuBLAS candidate needs no choice (and compiles one small kernel at most): the graph
+            # runs it, and the choice waits for a call outside capture (decode sizes refuse
+            # instead, in _choose).
             return DEQUANTIZE_CONFIG
         config = _CHOSEN[key] = _choose(operands)
     return config
@@ -307,6 +308,8 @@ def candidate_configs(m: int, k: int, x: torch.Tensor) -> tuple[triton.Config, .
         return GEMV_CONFIGS + (MMA_CONFIGS if mma else ())
     if m <= DECODE_MAX_M:
         return (MMA_CONFIGS if mma else ()) + DECODE_CONFIGS
+    if not batch_kernels_enabled():
+        return (DEQUANTIZE_CONFIG,)
     # The fused kernels first: under the interpreter the first candidate runs, untimed.
     return tuple(c for c in BATCH_CONFIGS if batch_fits(c, m)) + PREFILL_CONFIGS + (DEQUANTIZE_CONFIG,)
 

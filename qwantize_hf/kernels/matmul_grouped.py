@@ -47,6 +47,7 @@ def _mxfp4_grouped_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WORDS: tl.constexpr,
+    PERMUTE_K: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """Output tile (row tile ``program_id(0)`` of the table, BLOCK_N features ``program_id(1)``) of the
@@ -74,7 +75,8 @@ def _mxfp4_grouped_kernel(
             w_rows = packed_ptr + expert64 * N * half_k + rows_n[:, None] * half_k
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc = tiled_k_loop(
-            acc, x_rows, m_ok, w_rows, s_rows, 0, K, BLOCK_K, BLOCK_SIZE, True, USE_WORDS, USE_WORDS, INTERPRET
+            acc, x_rows, m_ok, w_rows, s_rows, 0, K, BLOCK_K, BLOCK_SIZE, True, USE_WORDS, PERMUTE_K and USE_WORDS,
+            INTERPRET,
         )
         acc = add_bias(acc, bias_ptr + expert64 * N, offs_n, n_ok, HAS_BIAS, True)
         out_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
@@ -100,13 +102,17 @@ def grouped_matmul(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``[P, N]`` in x's dtype: ``x [P, K]`` (bf16/fp16, K % 32 == 0), ``experts [P]`` (int, each in
-    [0, E)), ``packed [E, N, K/2]``, ``scales [E, N, K/block_size]``, ``bias [E, N]`` or None; shapes
-    checked by the caller. ``config``: a ``tiled_config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps and stages
-    are used; default ``grouped_config``)."""
+    [0, E): a row of another id is left unwritten), ``packed [E, N, K/2]``, ``scales [E, N, K/block_size]``,
+    ``bias [E, N]`` or None; shapes checked by the caller. ``config``: a ``tiled_config`` (its BLOCK_M,
+    BLOCK_N, BLOCK_K, WORDS, PERMUTE_K, warps and stages are used; default ``grouped_config``)."""
     pairs, k = x.shape
     num_experts, n = packed.shape[:2]
     if pairs == 0 or n == 0:
         return x.new_empty(pairs, n)
+    packed, scales = packed.contiguous(), scales.contiguous()  # the kernel steps through whole experts
+    if packed.data_ptr() % 16:
+        packed = packed.clone()  # the word path reads int32 words: a fresh allocation is aligned
+    bias = bias.contiguous() if bias is not None else None
     config = config or grouped_config(pairs, num_experts)
     meta = config.kwargs
     block_m = meta["BLOCK_M"]
@@ -131,7 +137,8 @@ def grouped_matmul(
         n, k, k // F4_CODES_PER_BYTE, k // CODES_PER_WORD.value, k // block_size, x_sorted.stride(0),
         out_sorted.stride(0),
         EXPERTS=num_experts, HAS_BIAS=bias is not None, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=meta["BLOCK_N"], BLOCK_K=meta["BLOCK_K"], WORDS=meta["WORDS"], INTERPRET=interpreting(),
+        BLOCK_N=meta["BLOCK_N"], BLOCK_K=meta["BLOCK_K"], WORDS=meta["WORDS"], PERMUTE_K=meta["PERMUTE_K"],
+        INTERPRET=interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)

@@ -13,7 +13,7 @@ Its two launch families share one body and differ only in their configs:
   programs so that every SM streams weight bytes; the last program of an output tile to
   finish adds the others' fp32 partials (one launch, no atomics on the output, no second kernel).
 - batch (``DECODE_MAX_M`` < M <= ``BATCH_MAX_M``, ``BATCH_CONFIGS``): still memory-bound. The
-  decode layout with 32-256 rows of x a tile and K split, so that a few output tiles still
+  decode layout with 32-128 rows of x a tile and K split, so that a few output tiles still
   keep every SM streaming weight bytes.
 - prefill (larger M, ``PREFILL_CONFIGS``): compute-bound. 64-256 row tiles, grouped tile
   order for L2 reuse.
@@ -399,9 +399,6 @@ BATCH_CONFIGS = (
     tiled_config(64, 128, 128, 1, True, True, True, 8, 3),
     tiled_config(128, 128, 128, 2, True, True, True, 8, 3),
     tiled_config(128, 128, 128, 1, True, True, True, 8, 3),
-    # All of M = 129-256 in one row tile (wgmma's widest N): each weight tile is decoded once.
-    tiled_config(256, 128, 128, 1, True, True, True, 8, 2),
-    tiled_config(256, 128, 128, 2, True, True, True, 8, 2),
 )
 PREFILL_CONFIGS = (
     # The weight as the register operand of wgmma: its dequantization overlaps the previous
@@ -414,9 +411,10 @@ PREFILL_CONFIGS = (
 
 def batch_fits(config: triton.Config, m: int) -> bool:
     """Whether batch config ``config`` competes for M = ``m``: its BLOCK_M is half to all of M's
-    power-of-two bucket (capped at 256), so a tile wastes at most half its rows and M's few
-    row tiles leave the weight decoded about once."""
-    bucket = min(1 << max(m - 1, 0).bit_length(), 256)
+    power-of-two bucket (capped at 128: a 256-row tile's accumulator spills registers on the
+    H100, 255 registers and 4-10 KB of spills a thread in ptxas), so a tile wastes at most half
+    its rows."""
+    bucket = min(1 << max(m - 1, 0).bit_length(), 128)
     return DECODE_MAX_M < m <= BATCH_MAX_M and bucket // 2 <= config.kwargs["BLOCK_M"] <= bucket
 
 
