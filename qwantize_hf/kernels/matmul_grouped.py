@@ -19,6 +19,7 @@ import triton.language as tl
 
 from qwantize_hf.backend import interpreting
 from qwantize_hf.constants import F4_CODES_PER_BYTE
+from qwantize_hf.kernels.matmul_routed import contiguous_stack
 from qwantize_hf.kernels.matmul_tiled import tiled_config, tiled_k_loop
 from qwantize_hf.kernels.mx_decode import CODES_PER_WORD, add_bias
 
@@ -109,10 +110,7 @@ def grouped_matmul(
     num_experts, n = packed.shape[:2]
     if pairs == 0 or n == 0:
         return x.new_empty(pairs, n)
-    packed, scales = packed.contiguous(), scales.contiguous()  # the kernel steps through whole experts
-    if packed.data_ptr() % 16:
-        packed = packed.clone()  # the word path reads int32 words: a fresh allocation is aligned
-    bias = bias.contiguous() if bias is not None else None
+    packed, scales, bias = contiguous_stack(packed, scales, bias)
     config = config or grouped_config(pairs, num_experts)
     meta = config.kwargs
     block_m = meta["BLOCK_M"]

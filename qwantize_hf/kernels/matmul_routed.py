@@ -85,8 +85,8 @@ def routed_gemv(
         return out
     config = config or routed_config(k)
     x = x_with_aligned_rows(x.contiguous())
-    packed, scales, experts = packed.contiguous(), scales.contiguous(), experts.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    packed, scales, bias = contiguous_stack(packed, scales, bias)
+    experts = experts.contiguous()
     _, (tiles_n, _, _), ptx = gemv_launch(config, 1, n, x.device)
     for first in range(0, pairs, MAX_PAIRS_PER_LAUNCH):  # grid axis 1 holds at most 65535 programs
         last = min(pairs, first + MAX_PAIRS_PER_LAUNCH)
@@ -102,4 +102,15 @@ def routed_gemv(
 MAX_PAIRS_PER_LAUNCH = 65535
 
 
-__all__ = ["MAX_PAIRS_PER_LAUNCH", "routed_config", "routed_gemv"]
+def contiguous_stack(
+    packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An expert stack as the stack kernels (routed, grouped) read it: contiguous, since they step through
+    whole experts, and ``packed`` 16-byte aligned, since they read it as int32 words (a fresh allocation is)."""
+    packed, scales = packed.contiguous(), scales.contiguous()
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    return packed, scales, None if bias is None else bias.contiguous()
+
+
+__all__ = ["MAX_PAIRS_PER_LAUNCH", "contiguous_stack", "routed_config", "routed_gemv"]
